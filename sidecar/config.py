@@ -1,0 +1,388 @@
+"""Typed, frozen configuration loaded from YAML; every problem is reported with its YAML path.
+
+Validation is pure (no network). Secrets may be inline, `{env: NAME}` or `{file: PATH}`
+(a mounted Kubernetes Secret) and are held in `Secret`, whose repr hides the value.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import core_schema
+
+DEFAULT_SCOPE = ("openid", "email")
+PROVIDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]*$")  # Sync Gateway: no "_"
+# Sync Gateway's database name rule: starts with a lowercase letter.
+DATABASE_NAME = re.compile(r"^[a-z][a-z0-9_$()+\-]*$")
+HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; `problems` lists `path: message` lines."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("invalid configuration:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+class Secret:
+    """A secret string whose repr and str never show the value."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    @classmethod
+    def __get_pydantic_core_schema__(
+        cls, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return core_schema.no_info_plain_validator_function(cls._resolve)
+
+    @classmethod
+    def _resolve(cls, raw: Any) -> Secret:
+        if isinstance(raw, Secret):
+            return raw
+        if isinstance(raw, str):
+            if not raw:
+                raise ValueError("must not be empty")
+            return cls(raw)
+        if isinstance(raw, Mapping) and len(raw) == 1:
+            ((kind, ref),) = raw.items()
+            if kind == "value" and isinstance(ref, str) and ref:
+                return cls(ref)
+            if kind == "env" and isinstance(ref, str):
+                value = os.environ.get(ref)
+                if not value:
+                    raise ValueError(f"environment variable {ref} is not set or empty")
+                return cls(value)
+            if kind == "file" and isinstance(ref, str):
+                try:
+                    value = Path(ref).read_text().strip()
+                except OSError as exc:
+                    raise ValueError(f"cannot read secret file {ref}: {exc.strerror}") from None
+                if not value:
+                    raise ValueError(f"secret file {ref} is empty")
+                return cls(value)
+        raise ValueError("must be a string, {value: ...}, {env: NAME} or {file: PATH}")
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+def _http_url(value: str, *, what: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{what} must be an absolute http(s) URL")
+    return value
+
+
+HttpUrl = Annotated[str, Field(min_length=1)]
+
+
+class ProviderConfig(Model):
+    """One OpenID Provider, exactly Sync Gateway's `oidc.providers.<name>` block (plus a few)."""
+
+    issuer: str
+    client_id: str = Field(min_length=1)
+    validation_key: Secret | None = None  # the client secret; without it no auth code flow
+    callback_url: str | None = None
+    register: bool = False
+    user_prefix: str | None = None
+    username_claim: str | None = None
+    roles_claim: str | None = None
+    channels_claim: str | None = None
+    disable_session: bool = False
+    scope: tuple[str, ...] = DEFAULT_SCOPE
+    include_access: bool = False
+    discovery_url: str | None = None
+    disable_cfg_validation: bool = False
+    disable_callback_state: bool = False
+    allow_unsigned_provider_tokens: bool = False
+    # Extensions beyond Sync Gateway:
+    token_endpoint_auth_method: Literal["auto", "client_secret_basic", "client_secret_post"] = "auto"
+    # Extra audiences besides client_id that a token may carry (RFC 7519 aud); empty = none.
+    trusted_audiences: tuple[str, ...] = ()
+    allowed_algorithms: tuple[str, ...] | None = None
+
+    @field_validator("issuer", "discovery_url", "callback_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else _http_url(value, what="URL")
+
+    @field_validator("scope", mode="before")
+    @classmethod
+    def _scope(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(value.split())
+        return value
+
+    @field_validator("allow_unsigned_provider_tokens")
+    @classmethod
+    def _no_unsigned(cls, value: bool) -> bool:
+        # Security: unsigned ID tokens are never accepted by this sidecar.
+        if value:
+            raise ValueError("unsigned provider tokens are never accepted by the sidecar")
+        return value
+
+    @field_validator("allowed_algorithms")
+    @classmethod
+    def _algorithms(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return value
+        from sidecar.oidc.algorithms import ASYMMETRIC_ALGORITHMS
+
+        bad = [a for a in value if a not in ASYMMETRIC_ALGORITHMS]
+        if bad:
+            raise ValueError(f"unsupported algorithm(s) {bad}; allowed: {sorted(ASYMMETRIC_ALGORITHMS)}")
+        if not value:
+            raise ValueError("must not be empty")
+        return value
+
+
+class OIDCConfig(Model):
+    default_provider: str | None = None
+    providers: dict[str, ProviderConfig] = Field(min_length=1)
+
+    @field_validator("providers")
+    @classmethod
+    def _names(cls, value: dict[str, ProviderConfig]) -> dict[str, ProviderConfig]:
+        for name in value:
+            if not PROVIDER_NAME.match(name):
+                raise ValueError(f"provider name {name!r} may contain only letters, digits, '.', '-'")
+        return value
+
+    @model_validator(mode="after")
+    def _default(self) -> OIDCConfig:
+        if self.default_provider is not None and self.default_provider not in self.providers:
+            raise ValueError(f"default_provider {self.default_provider!r} is not in providers")
+        return self
+
+    @property
+    def default(self) -> str | None:
+        """The default provider: named by `default_provider`, or the only one."""
+        if self.default_provider:
+            return self.default_provider
+        if len(self.providers) == 1:
+            return next(iter(self.providers))
+        return None
+
+
+class DatabaseConfig(Model):
+    upstream: str | None = None  # overrides the global upstream for this database
+    session_cookie_name: str = "SyncGatewaySession"
+    oidc: OIDCConfig | None = None
+    # Paths under /{db}/ that pass without authentication (e.g. a public health page).
+    public_paths: tuple[str, ...] = ()
+
+    @field_validator("upstream")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else _http_url(value, what="upstream")
+
+    @field_validator("session_cookie_name")
+    @classmethod
+    def _cookie(cls, value: str) -> str:
+        if not HEADER_NAME.match(value) or "=" in value:
+            raise ValueError("not a valid cookie name")
+        return value
+
+
+class IdentityHeaders(Model):
+    user: str = "X-Forwarded-User"
+    email: str = "X-Forwarded-Email"
+    roles: str = "X-Forwarded-Roles"
+    channels: str = "X-Forwarded-Channels"
+
+    @field_validator("user", "email", "roles", "channels")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not HEADER_NAME.match(value):
+            raise ValueError("not a valid HTTP header name")
+        return value
+
+
+class CouchDBProxyAuth(Model):
+    """CouchDB proxy authentication headers (X-Auth-CouchDB-UserName/-Roles/-Token)."""
+
+    enabled: bool = False
+    secret: Secret | None = None  # couch_httpd_auth.secret; adds X-Auth-CouchDB-Token when set
+
+
+class SessionConfig(Model):
+    ttl: int = Field(default=86400, ge=60, le=365 * 86400)  # idle TTL, seconds
+    cookie_secure: Literal["auto", "always", "never"] = "auto"
+    # Sessions are cached locally for this long at most; invalidation via pub/sub is immediate.
+    local_cache_seconds: float = Field(default=30.0, ge=0, le=300)
+
+
+class TestProviderConfig(Model):
+    enabled: bool = False
+
+
+class UnsupportedConfig(Model):
+    oidc_test_provider: TestProviderConfig = TestProviderConfig()
+
+
+class LoggingConfig(Model):
+    format: Literal["json", "text"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class TimeoutsConfig(Model):
+    upstream_connect: float = Field(default=10.0, gt=0)
+    upstream_read: float = Field(default=300.0, gt=0)  # time between bytes, not total
+    provider: float = Field(default=10.0, gt=0)
+
+
+def _listen(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be host:port or :port")
+    return value
+
+
+class Settings(Model):
+    interface: str = ":4984"
+    admin_interface: str = "127.0.0.1:4985"
+    upstream: str | None = None
+    public_url: str | None = None  # e.g. https://sync.example.com, used for callback URLs
+    session_store: str | None = None  # redis://, rediss://, redis+sentinel://, redis+cluster://
+    databases: dict[str, DatabaseConfig] = Field(min_length=1)
+    identity_headers: IdentityHeaders = IdentityHeaders()
+    couchdb_proxy_auth: CouchDBProxyAuth = CouchDBProxyAuth()
+    pass_authorization: bool = False  # forward the bearer token / session cookie upstream
+    trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-* headers are trusted
+    clock_skew_seconds: int = Field(default=60, ge=0, le=600)
+    session: SessionConfig = SessionConfig()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    unsupported: UnsupportedConfig = UnsupportedConfig()
+    logging: LoggingConfig = LoggingConfig()
+    shutdown_grace_seconds: float = Field(default=25.0, ge=0, le=3600)
+    max_body_bytes: int | None = Field(default=None, ge=0)  # None: unlimited, streamed
+    demo_upstream: bool = False  # serve a small built-in upstream (for `make run`)
+
+    @field_validator("interface", "admin_interface")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        return _listen(value)
+
+    @field_validator("upstream", "public_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else _http_url(value, what="URL")
+
+    @field_validator("session_store")
+    @classmethod
+    def _store(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        scheme = urlsplit(value).scheme
+        allowed = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
+        if scheme not in allowed:
+            raise ValueError(f"must be a Redis URL ({', '.join(s + '://' for s in allowed)})")
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or CIDR") from None
+        return value
+
+    @field_validator("databases")
+    @classmethod
+    def _db_names(cls, value: dict[str, DatabaseConfig]) -> dict[str, DatabaseConfig]:
+        for name in value:
+            if not DATABASE_NAME.match(name):
+                raise ValueError(f"database name {name!r} must start with a-z and use a-z 0-9 _$()+-")
+        return value
+
+    @model_validator(mode="after")
+    def _upstreams(self) -> Settings:
+        if self.demo_upstream:
+            return self
+        missing = [n for n, db in self.databases.items() if db.upstream is None and self.upstream is None]
+        if missing:
+            raise ValueError(f"upstream: required (no upstream for database(s) {', '.join(missing)})")
+        return self
+
+    def upstream_for(self, db: str) -> str:
+        conf = self.databases[db]
+        url = conf.upstream or self.upstream
+        assert url is not None  # guaranteed by _upstreams unless demo_upstream fills it in
+        return url
+
+
+def _path(loc: tuple[int | str, ...]) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _messages(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "missing":
+            msg = "required"
+        msg = msg.removeprefix("Value error, ")
+        problems.append(f"{_path(loc)}: {msg}")
+    return problems
+
+
+def parse_settings(data: Any) -> Settings:
+    """Validate a parsed YAML document; raises ConfigError listing every problem."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(["(top level): must be a mapping"])
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_messages(exc)) from None
+
+
+def load_settings(path: str | os.PathLike[str]) -> Settings:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{path}: not valid YAML: {exc}"]) from None
+    return parse_settings(data)

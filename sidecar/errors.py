@@ -1,0 +1,101 @@
+"""The sidecar's error hierarchy; one middleware turns each into `{"error", "reason"}` JSON.
+
+    SidecarError (500)
+    ├── BadRequest (400)              malformed input, failed callback checks
+    ├── Unauthorized (401)            no or invalid credentials; upstream never contacted
+    ├── Forbidden (403)
+    ├── NotFound (404)                unknown database, no session
+    ├── MethodNotAllowed (405)
+    ├── PayloadTooLarge (413)
+    ├── UpstreamError (502)           upstream refused / broke the connection
+    │   └── ProviderError (502)       OpenID Provider unreachable or answered nonsense
+    │       └── OAuthError (502/401)  the provider answered an OAuth error (wire code kept)
+    ├── ServiceUnavailable (503)      session store or provider not ready
+    └── GatewayTimeout (504)          upstream did not answer in time
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import ClassVar
+
+
+class SidecarError(Exception):
+    """Base: knows its HTTP status and a reason safe to show the caller."""
+
+    status: ClassVar[int] = 500
+
+    def __init__(self, reason: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.headers = headers or {}
+
+    @property
+    def error(self) -> str:
+        return HTTPStatus(self.status).phrase
+
+    def body(self) -> dict[str, str]:
+        return {"error": self.error, "reason": self.reason}
+
+
+class BadRequest(SidecarError):
+    status = 400
+
+
+class Unauthorized(SidecarError):
+    status = 401
+
+
+class Forbidden(SidecarError):
+    status = 403
+
+
+class NotFound(SidecarError):
+    status = 404
+
+
+class MethodNotAllowed(SidecarError):
+    status = 405
+
+
+class PayloadTooLarge(SidecarError):
+    status = 413
+
+
+class UpstreamError(SidecarError):
+    status = 502
+
+
+class ProviderError(UpstreamError):
+    """The OpenID Provider could not be reached or answered something unusable."""
+
+
+class OAuthError(ProviderError):
+    """The provider answered an OAuth error; `code` keeps the wire value (`invalid_grant`, ...).
+
+    `invalid_grant` means the code or refresh token is no good: the caller's fault (401);
+    anything else is the provider's or our configuration's problem (502).
+    """
+
+    FATAL_FOR_CALLER: ClassVar[frozenset[str]] = frozenset({"invalid_grant", "access_denied"})
+
+    def __init__(self, code: str, description: str = "") -> None:
+        self.code = code
+        self.description = description
+        super().__init__(f"provider answered {code}" + (f": {description}" if description else ""))
+
+    @property
+    def status(self) -> int:  # type: ignore[override]
+        return 401 if self.code in self.FATAL_FOR_CALLER else 502
+
+    @property
+    def error(self) -> str:
+        return HTTPStatus(self.status).phrase
+
+
+class ServiceUnavailable(SidecarError):
+    status = 503
+
+
+class GatewayTimeout(SidecarError):
+    status = 504

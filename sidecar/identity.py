@@ -1,0 +1,17 @@
+"""Who a caller is, once proven: what the auth middleware hands the proxy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    name: str
+    email: str | None = None
+    roles: frozenset[str] = field(default_factory=frozenset)
+    channels: frozenset[str] = field(default_factory=frozenset)
+    via: Literal["session", "bearer"] = "session"
+    session_id: str | None = None  # the session's public id when via == "session"
+    provider: str | None = None

@@ -1,0 +1,1 @@
+"""OpenID Connect relying-party pieces: providers, ID token validation, the code flow."""
