@@ -98,7 +98,9 @@ class Secret:
 
 
 class Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, str_strip_whitespace=True, populate_by_name=True
+    )
 
 
 def _http_url(value: str, *, what: str) -> str:
@@ -118,7 +120,8 @@ class ProviderConfig(Model):
     client_id: str = Field(min_length=1)
     validation_key: Secret | None = None  # the client secret; without it no auth code flow
     callback_url: str | None = None
-    register: bool = False
+    # `register` shadows BaseModel.register, so the attribute is `register_user`.
+    register_user: bool = Field(default=False, alias="register")
     user_prefix: str | None = None
     username_claim: str | None = None
     roles_claim: str | None = None
