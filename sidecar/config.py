@@ -206,8 +206,6 @@ class DatabaseConfig(Model):
     upstream: str | None = None  # overrides the global upstream for this database
     session_cookie_name: str = "SyncGatewaySession"
     oidc: OIDCConfig | None = None
-    # Paths under /{db}/ that pass without authentication (e.g. a public health page).
-    public_paths: tuple[str, ...] = ()
 
     @field_validator("upstream")
     @classmethod

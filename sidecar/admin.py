@@ -1,0 +1,194 @@
+"""The admin API (private port): users and sessions, as Sync Gateway's admin REST API."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from email.utils import formatdate
+from typing import Any
+
+from aiohttp import web
+
+from sidecar import keys
+from sidecar.databases import Database
+from sidecar.errors import BadRequest, NotFound
+from sidecar.sessions.models import Session, User
+from sidecar.sessions.store import SessionStore, is_well_formed_session_id
+
+MAX_BODY = 64 * 1024
+USER_FIELDS = {"name", "email", "admin_channels", "admin_roles", "disabled"}
+READ_ONLY = {"jwt_issuer", "jwt_roles", "jwt_channels", "jwt_last_updated", "roles", "all_channels"}
+
+
+def _db(request: web.Request) -> tuple[Database, SessionStore]:
+    public = request.app[keys.PUBLIC_APP]
+    db = public[keys.DATABASES].get(request.match_info["db"])
+    request[keys.DB_NAME] = db.name
+    return db, public[keys.STORE]
+
+
+async def _json(request: web.Request) -> dict[str, Any]:
+    raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        raise BadRequest("body too large")
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        raise BadRequest("body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    return body
+
+
+def _strings(body: dict[str, Any], key: str) -> tuple[str, ...]:
+    value = body.get(key, [])
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise BadRequest(f"{key} must be a list of non-empty strings")
+    return tuple(sorted(set(value)))
+
+
+def user_json(user: User) -> dict[str, Any]:
+    return {
+        "name": user.name,
+        "email": user.email,
+        "admin_channels": list(user.admin_channels),
+        "admin_roles": list(user.admin_roles),
+        "all_channels": list(user.channels),
+        "roles": list(user.roles),
+        "disabled": user.disabled,
+        "jwt_issuer": user.jwt_issuer,
+        "jwt_roles": list(user.jwt_roles),
+        "jwt_channels": list(user.jwt_channels),
+        "jwt_last_updated": (
+            formatdate(user.jwt_last_updated, usegmt=True) if user.jwt_last_updated else None
+        ),
+    }
+
+
+async def put_user(request: web.Request) -> web.Response:
+    db, store = _db(request)
+    name = request.match_info["name"]
+    body = await _json(request)
+    unknown = set(body) - USER_FIELDS - READ_ONLY
+    if unknown:
+        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+    if "password" in body:
+        raise BadRequest("passwords are not supported: users log in with OpenID Connect")
+    if body.get("name", name) != name:
+        raise BadRequest("name in body does not match the URL")
+    email = body.get("email")
+    if email is not None and (not isinstance(email, str) or "@" not in email):
+        raise BadRequest("email must be a valid address")
+    disabled = body.get("disabled", False)
+    if not isinstance(disabled, bool):
+        raise BadRequest("disabled must be true or false")
+    existing = await store.get_user(db.name, name)
+    base = existing or User(db=db.name, name=name, email=None, admin_channels=(), admin_roles=(),
+                            disabled=False, jwt_issuer=None, jwt_roles=(), jwt_channels=(),
+                            jwt_last_updated=None)
+    user = replace(
+        base,
+        email=email,
+        admin_channels=_strings(body, "admin_channels"),
+        admin_roles=_strings(body, "admin_roles"),
+        disabled=disabled,
+    )
+    await store.put_user(user)
+    return web.json_response({}, status=200 if existing else 201)
+
+
+async def get_user(request: web.Request) -> web.Response:
+    db, store = _db(request)
+    user = await store.get_user(db.name, request.match_info["name"])
+    if user is None:
+        raise NotFound("missing")
+    return web.json_response(user_json(user))
+
+
+async def delete_user(request: web.Request) -> web.Response:
+    """Deleting a user ends their sessions and websockets on every replica."""
+    db, store = _db(request)
+    if not await store.delete_user(db.name, request.match_info["name"]):
+        raise NotFound("missing")
+    return web.json_response({"ok": True})
+
+
+async def delete_user_sessions(request: web.Request) -> web.Response:
+    db, store = _db(request)
+    name = request.match_info["name"]
+    if await store.get_user(db.name, name) is None:
+        raise NotFound("missing")
+    count = await store.delete_user_sessions(db.name, name)
+    return web.json_response({"ok": True, "revoked": count})
+
+
+def session_json(session: Session, db: Database) -> dict[str, Any]:
+    return {
+        "name": session.name,
+        "expires": formatdate(session.expires, usegmt=True),
+        "ttl": session.ttl,
+        "cookie_name": db.cookie_name,
+        "provider": session.provider,
+    }
+
+
+async def post_session(request: web.Request) -> web.Response:
+    """Create a session for a user (Sync Gateway's custom authentication)."""
+    db, store = _db(request)
+    body = await _json(request)
+    name = body.get("name")
+    if not isinstance(name, str) or not name:
+        raise BadRequest("name is required")
+    ttl = body.get("ttl", request.app[keys.PUBLIC_APP][keys.SETTINGS].session.ttl)
+    if not isinstance(ttl, int) or isinstance(ttl, bool) or not 60 <= ttl <= 365 * 86400:
+        raise BadRequest("ttl must be whole seconds between 60 and 31536000")
+    user = await store.get_user(db.name, name)
+    if user is None:
+        raise NotFound(f"no such user {name!r}")
+    if user.disabled:
+        raise BadRequest(f"user {name!r} is disabled")
+    session_id, session = await store.create_session(user, ttl=ttl, provider=None, now=time.time())
+    request.app[keys.PUBLIC_APP][keys.METRICS].sessions_created.labels("admin").inc()
+    return web.json_response(
+        {
+            "session_id": session_id,
+            "expires": formatdate(session.expires, usegmt=True),
+            "cookie_name": db.cookie_name,
+        }
+    )
+
+
+def _session_id(request: web.Request) -> str:
+    session_id = request.match_info["session_id"]
+    if not is_well_formed_session_id(session_id):
+        raise NotFound("missing")
+    return session_id
+
+
+async def get_session(request: web.Request) -> web.Response:
+    db, store = _db(request)
+    session = await store.get_session(db.name, _session_id(request), time.time())
+    if session is None:
+        raise NotFound("missing")
+    return web.json_response(session_json(session, db))
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    db, store = _db(request)
+    if not await store.delete_session(db.name, _session_id(request)):
+        raise NotFound("missing")
+    return web.json_response({"ok": True})
+
+
+def add_routes(admin: web.Application) -> None:
+    r = admin.router
+    r.add_put("/{db}/_user/{name}", put_user)
+    r.add_get("/{db}/_user/{name}", get_user)
+    r.add_delete("/{db}/_user/{name}", delete_user)
+    r.add_delete("/{db}/_user/{name}/_session", delete_user_sessions)
+    r.add_post("/{db}/_session", post_session)
+    r.add_get("/{db}/_session/{session_id}", get_session)
+    r.add_delete("/{db}/_session/{session_id}", delete_session)

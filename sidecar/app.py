@@ -1,0 +1,310 @@
+"""create_app(): the only wiring — resources, middleware, routes of the public and admin listeners."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from sidecar import admin as admin_routes
+from sidecar import keys
+from sidecar.auth import authenticate
+from sidecar.config import OIDCConfig, Settings
+from sidecar.databases import Database, Databases
+from sidecar.errors import SidecarError
+from sidecar.headers import CouchDBHeaders, client_ip_trusted, upstream_request_headers
+from sidecar.identity import Identity
+from sidecar.lifecycle import Lifecycle
+from sidecar.observability import Metrics
+from sidecar.oidc import routes as oidc_routes
+from sidecar.oidc.provider import ProviderRegistry
+from sidecar.oidc.test_provider import TestProvider
+from sidecar.proxy import Forwarder, make_client_session, target_url
+from sidecar.sessions import routes as session_routes
+from sidecar.sessions.store import create_store, hash_session_id
+from sidecar.websockets import WebSocketRegistry
+
+log = logging.getLogger("sidecar")
+access_log = logging.getLogger("sidecar.access")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_REQUEST_ID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+
+
+def request_id_of(request: web.Request) -> str:
+    """The caller's X-Request-ID when it is short and plain, else a fresh one."""
+    given = request.headers.get("X-Request-ID", "")
+    if 0 < len(given) <= 128 and set(given) <= _REQUEST_ID_OK:
+        return given
+    return secrets.token_hex(8)
+
+
+def error_response(exc: SidecarError) -> web.Response:
+    return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, error → JSON, one log line and metrics per request."""
+    started = time.perf_counter()
+    request[keys.REQUEST_ID] = rid = request_id_of(request)
+    try:
+        response = await handler(request)
+        outcome = "ok"
+    except SidecarError as exc:
+        response = error_response(exc)
+        outcome = "rejected" if exc.status < 500 else "failed"
+    except web.HTTPException as exc:  # aiohttp's own 404/405 for unrouted paths
+        if exc.status < 400:
+            raise
+        response = web.json_response(
+            {"error": exc.reason, "reason": exc.text or exc.reason}, status=exc.status
+        )
+        outcome = "rejected" if exc.status < 500 else "failed"
+    except (asyncio.CancelledError, ConnectionResetError):
+        _log_request(request, 499, time.perf_counter() - started, "client_gone")
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"request_id": rid})
+        response = web.json_response(
+            {"error": "Internal Server Error", "reason": "internal error; see the sidecar's log"},
+            status=500,
+        )
+        outcome = "failed"
+    if not response.prepared:
+        response.headers["X-Request-ID"] = rid
+    _log_request(request, response.status, time.perf_counter() - started, outcome)
+    return response
+
+
+def _log_request(request: web.Request, status: int, seconds: float, outcome: str) -> None:
+    identity = request.get(keys.IDENTITY)
+    db = request.get(keys.DB_NAME, "-")
+    metrics = request.app.get(keys.METRICS) or request.app[keys.PUBLIC_APP][keys.METRICS]
+    metrics.request(db, outcome, status, seconds)
+    if access_log.isEnabledFor(logging.INFO):
+        access_log.info(
+            "request",
+            extra={
+                "method": request.method,
+                "path": request.path,  # path only: query strings may carry code / refresh_token
+                "status": status,
+                "duration_ms": round(seconds * 1000, 2),
+                "user": identity.name if identity is not None else None,
+                "db": db,
+                "request_id": request[keys.REQUEST_ID],
+                "remote": request.remote,
+            },
+        )
+
+
+# ---------------------------------------------------------------- the proxied path
+
+
+async def proxy_handler(request: web.Request) -> web.StreamResponse:
+    app = request.app
+    db = app[keys.DATABASES].get(request.match_info["db"])
+    request[keys.DB_NAME] = db.name
+    identity = await authenticate(request, db)  # raises: nothing below runs unauthenticated
+    request[keys.IDENTITY] = identity
+    settings = app[keys.SETTINGS]
+    peer = request.remote
+    headers = upstream_request_headers(
+        request.headers,
+        identity=identity,
+        names=settings.identity_headers,
+        peer=peer,
+        scheme=request.scheme,
+        host=request.host,
+        trusted=client_ip_trusted(peer, app[keys.TRUSTED_NETWORKS]),
+        pass_authorization=settings.pass_authorization,
+        session_cookie_name=db.cookie_name,
+        request_id=request[keys.REQUEST_ID],
+        couchdb=app[keys.COUCHDB],
+    )
+    target = target_url(db.upstream, request.raw_path)
+    forwarder = app[keys.FORWARDER]
+    if _is_websocket_upgrade(request):
+        return await _relay_websocket(request, db, identity, target, headers)
+    return await forwarder.http(request, target, headers)
+
+
+async def _relay_websocket(
+    request: web.Request, db: Database, identity: Identity, target: URL, headers: CIMultiDict[str]
+) -> web.StreamResponse:
+    """Relay a websocket, tracked so that revocation (any replica) or shutdown closes it."""
+    app = request.app
+    session_key = hash_session_id(identity.session_id) if identity.session_id else None
+    gauge = app[keys.METRICS].websockets
+    with contextlib.ExitStack() as stack:
+
+        def on_open(ws: web.WebSocketResponse) -> None:
+            stack.enter_context(app[keys.WEBSOCKETS].track(ws, db.name, identity, session_key))
+            gauge.inc()
+            stack.callback(gauge.dec)
+
+        return await app[keys.FORWARDER].websocket(request, target, headers, on_open=on_open)
+
+
+def _is_websocket_upgrade(request: web.Request) -> bool:
+    return (
+        request.method == "GET"
+        and "websocket" in request.headers.get("Upgrade", "").lower()
+        and "upgrade" in request.headers.get("Connection", "").lower()
+    )
+
+
+# ---------------------------------------------------------------- health
+
+
+async def live(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    app = request.app.get(keys.PUBLIC_APP, request.app)
+    store_ok = await app[keys.STORE].ping()
+    providers = {
+        f"{db.name}/{name}": ok
+        for db in app[keys.DATABASES]
+        if db.providers is not None
+        for name, ok in db.providers.status().items()
+    }
+    providers_ok = not providers or any(providers.values())
+    draining = app[keys.LIFECYCLE].draining
+    ok = store_ok and providers_ok and not draining
+    body = {
+        "ready": ok,
+        "session_store": "ok" if store_ok else "unavailable",
+        "providers": {k: "ok" if v else "unavailable" for k, v in providers.items()},
+        "draining": draining,
+    }
+    return web.json_response(body, status=200 if ok else 503)
+
+
+# ---------------------------------------------------------------- wiring
+
+
+
+def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
+    """The public listener's app; its cleanup_ctx owns every shared resource."""
+    app = web.Application(middlewares=[observe], client_max_size=1024**2)
+    app[keys.SETTINGS] = settings
+    app[keys.METRICS] = metrics or Metrics()
+    app[keys.LIFECYCLE] = Lifecycle()
+    app[keys.WEBSOCKETS] = WebSocketRegistry()
+    app[keys.TRUSTED_NETWORKS] = tuple(ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies)
+    app[keys.COUCHDB] = _couchdb_headers(settings)
+    app.cleanup_ctx.append(_resources)
+
+    router = app.router
+    router.add_get("/_health", live)
+    router.add_get("/_ready", ready)
+    _add_login_routes(app)
+    router.add_route("*", "/{db}", proxy_handler)
+    router.add_route("*", "/{db}/{tail:.*}", proxy_handler)
+    return app
+
+
+def _add_login_routes(app: web.Application) -> None:
+    """The Sync Gateway-compatible endpoints; registered before the catch-all proxy routes."""
+    oidc_routes.add_routes(app)
+    session_routes.add_routes(app)
+    settings = app[keys.SETTINGS]
+    if settings.unsupported.oidc_test_provider.enabled:
+        TestProvider(public_url=settings.public_url).add_routes(app.router, prefix="/{db}/_oidc_testing")
+
+
+def _couchdb_headers(settings: Settings) -> CouchDBHeaders | None:
+    conf = settings.couchdb_proxy_auth
+    if not conf.enabled:
+        return None
+    return CouchDBHeaders(enabled=True, secret=conf.secret.get() if conf.secret else None)
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    settings = app[keys.SETTINGS]
+    timeouts = settings.timeouts
+    async with contextlib.AsyncExitStack() as stack:
+        upstream_override = None
+        if settings.demo_upstream:
+            from sidecar.demo import start_demo_upstream
+
+            upstream_override = await stack.enter_async_context(start_demo_upstream())
+        upstream_http = make_client_session()
+        stack.push_async_callback(upstream_http.close)
+        provider_http = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=timeouts.provider),
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
+        stack.push_async_callback(provider_http.close)
+        app[keys.UPSTREAM_HTTP] = upstream_http
+        app[keys.PROVIDER_HTTP] = provider_http
+        app[keys.FORWARDER] = Forwarder(
+            upstream_http,
+            connect_timeout=timeouts.upstream_connect,
+            read_timeout=timeouts.upstream_read,
+            max_body_bytes=settings.max_body_bytes,
+        )
+
+        store = create_store(
+            settings.session_store, local_cache_seconds=settings.session.local_cache_seconds
+        )
+        if settings.session_store is None:
+            log.warning(
+                "no session_store configured: sessions live in this process only; "
+                "run a single replica or set session_store to a Redis URL"
+            )
+        await store.start()
+        stack.push_async_callback(store.close)
+        app[keys.STORE] = store
+        stack.callback(store.subscribe(app[keys.WEBSOCKETS].on_store_event))
+
+        def make_registry(oidc: OIDCConfig) -> ProviderRegistry:
+            return ProviderRegistry(oidc, provider_http, timeout=timeouts.provider)
+
+        app[keys.DATABASES] = Databases.build(settings, make_registry, upstream_override)
+        refreshers = [
+            asyncio.create_task(provider.run_refresh(), name=f"provider-refresh-{provider.name}")
+            for registry in app[keys.DATABASES].registries()
+            for provider in registry.providers
+        ]
+
+        async def stop_refreshers() -> None:
+            for task in refreshers:
+                task.cancel()
+            await asyncio.gather(*refreshers, return_exceptions=True)
+
+        stack.push_async_callback(stop_refreshers)
+        stack.push_async_callback(app[keys.WEBSOCKETS].close_all)
+        yield
+
+
+def create_admin_app(public: web.Application) -> web.Application:
+    """The admin listener: health, metrics and (with the login flow) the user/session API."""
+    admin = web.Application(middlewares=[observe], client_max_size=1024**2)
+    admin[keys.PUBLIC_APP] = public
+    admin.router.add_get("/_health", live)
+    admin.router.add_get("/_ready", ready)
+    admin.router.add_get("/_metrics", metrics_handler)
+    admin_routes.add_routes(admin)
+    return admin
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    registry = request.app[keys.PUBLIC_APP][keys.METRICS].registry
+    return web.Response(
+        body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+

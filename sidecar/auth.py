@@ -1,0 +1,164 @@
+"""Who is calling: a bearer ID token or a session cookie becomes an Identity, anything else a 401.
+
+Fail closed: every path that cannot prove the caller raises, so the upstream never sees the request.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
+from http.cookies import CookieError, SimpleCookie
+
+from aiohttp import web
+
+from sidecar import keys
+from sidecar.config import ProviderConfig
+from sidecar.databases import Database
+from sidecar.errors import BadRequest, ProviderError, ServiceUnavailable, Unauthorized
+from sidecar.identity import Identity
+from sidecar.oidc.tokens import TokenError
+from sidecar.sessions.models import User
+from sidecar.sessions.store import SessionStore, is_well_formed_session_id
+from sidecar.users import LoginRefused, UsernameError, apply_login, username_from_claims
+
+log = logging.getLogger("sidecar.auth")
+
+# RFC 6750 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+MAX_AUTHORIZATION = 16 * 1024
+
+
+def bearer_token(request: web.Request) -> str | None:
+    """The bearer token of the request, None when there is no Authorization header.
+
+    Raises for anything that is not exactly one well-formed `Bearer <token>`: a caller who
+    sent credentials we cannot read must get a 401/400, never fall through to anonymous.
+    """
+    values = request.headers.getall("Authorization", [])
+    if not values:
+        return None
+    if len(values) > 1:
+        raise BadRequest("multiple Authorization headers")
+    value = values[0]
+    if len(value) > MAX_AUTHORIZATION:
+        raise Unauthorized("Invalid login")
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        raise Unauthorized("Invalid login: only Bearer ID tokens are accepted")
+    token = token.strip()
+    if not _B64TOKEN.fullmatch(token):
+        raise Unauthorized("Invalid login")
+    return token
+
+
+def session_cookie(request: web.Request, name: str) -> str | None:
+    """The value of the named cookie, parsed tolerantly: a broken Cookie header is no cookie."""
+    raw = request.headers.getall("Cookie", [])
+    if not raw:
+        return None
+    jar: SimpleCookie = SimpleCookie()
+    for header in raw:
+        for part in header.split(";"):
+            key, sep, value = part.strip().partition("=")
+            if sep and key == name:
+                try:
+                    jar.load(f"{key}={value}")
+                except CookieError:
+                    continue
+                morsel = jar.get(name)
+                if morsel is not None:
+                    return morsel.value
+    return None
+
+
+async def authenticate(request: web.Request, db: Database) -> Identity:
+    """Prove who the caller is, or raise (401 unproven, 503 when a dependency is down)."""
+    token = bearer_token(request)
+    if token is not None:
+        return await identity_from_bearer(request.app, db, token)
+    session_id = session_cookie(request, db.cookie_name)
+    if session_id is not None:
+        return await identity_from_session(request.app, db, session_id)
+    raise Unauthorized("Login required")
+
+
+async def identity_from_session(app: web.Application, db: Database, session_id: str) -> Identity:
+    if not is_well_formed_session_id(session_id):
+        raise Unauthorized("Session Invalid")
+    store = app[keys.STORE]
+    session = await store.get_session(db.name, session_id, time.time())
+    if session is None:
+        raise Unauthorized("Session Invalid")
+    return session.to_identity(session_id)
+
+
+async def identity_from_bearer(app: web.Application, db: Database, token: str) -> Identity:
+    """Sync Gateway's implicit flow: an ID token on every request; no session is created."""
+    registry = db.providers
+    if registry is None:
+        raise Unauthorized("Invalid login")
+    metrics = app[keys.METRICS]
+    try:
+        provider = registry.for_token(token)
+        claims = await provider.validate(token, leeway=app[keys.SETTINGS].clock_skew_seconds)
+    except TokenError as exc:
+        metrics.token_failure(exc.code)
+        log.info("bearer token rejected", extra={"reason": exc.code, "db": db.name})
+        raise Unauthorized("Invalid login") from None
+    except ProviderError as exc:
+        raise ServiceUnavailable(f"identity provider unavailable: {exc.reason}") from None
+    user = await login_user(app[keys.STORE], db, provider.name, provider.config, claims)
+    return Identity(
+        name=user.name,
+        email=user.email,
+        roles=frozenset(user.roles),
+        channels=frozenset(user.channels),
+        via="bearer",
+        provider=provider.name,
+    )
+
+
+async def login_user(
+    store: SessionStore,
+    db: Database,
+    provider_name: str,
+    config: ProviderConfig,
+    claims: Mapping[str, Any],
+) -> User:
+    """Find or register the user a validated ID token names, refreshing their token-granted grants.
+
+    Shared by the bearer path and the auth code flow. Writes only when something changed, so a
+    bearer request for a known user costs no store write.
+    """
+    try:
+        name = username_from_claims(
+            claims,
+            issuer=config.issuer,
+            user_prefix=config.user_prefix,
+            username_claim=config.username_claim,
+        )
+        existing = await store.get_user(db.name, name)
+        now = time.time()
+        user = apply_login(
+            existing,
+            claims,
+            db=db.name,
+            name=name,
+            issuer=config.issuer,
+            roles_claim=config.roles_claim,
+            channels_claim=config.channels_claim,
+            register=config.register_user,
+            now=now,
+        )
+    except (UsernameError, LoginRefused) as exc:
+        log.info("login refused", extra={"db": db.name, "provider": provider_name, "why": str(exc)})
+        raise Unauthorized("Invalid login") from None
+    if existing is None or replace(existing, jwt_last_updated=None) != replace(
+        user, jwt_last_updated=None
+    ):
+        await store.put_user(user)
+    return user

@@ -1,0 +1,108 @@
+"""Structured logs, Prometheus metrics, and the per-request log line (never a secret in either)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Attributes every LogRecord has; anything else was passed with `extra=` and goes into the JSON.
+_STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class JsonFormatter(logging.Formatter):
+    converter = time.gmtime
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in _STANDARD and not key.startswith("_"):
+                entry[key] = value
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str, separators=(",", ":"))
+
+
+class TextFormatter(logging.Formatter):
+    converter = time.gmtime
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        base = super().format(record)
+        extra = {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}
+        return base + ("  " + " ".join(f"{k}={v}" for k, v in extra.items()) if extra else "")
+
+
+def setup_logging(fmt: str = "json", level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    logging.getLogger("aiohttp.access").disabled = True  # we log one line per request ourselves
+
+
+class Metrics:
+    """The sidecar's Prometheus metrics, in a registry of its own (tests create many apps)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "sidecar_requests_total",
+            "Requests handled, by database, outcome and status",
+            ["db", "outcome", "status"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "sidecar_request_duration_seconds",
+            "Time to answer a request (proxied: to the upstream's response headers)",
+            ["outcome"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.provider_seconds = Histogram(
+            "sidecar_provider_request_duration_seconds",
+            "Calls to OpenID Providers, by provider and kind",
+            ["provider", "kind"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.logins = Counter(
+            "sidecar_logins_total", "Logins and refreshes by provider, kind and result",
+            ["provider", "kind", "result"], registry=r,
+        )
+        self.token_failures = Counter(
+            "sidecar_token_validation_failures_total", "Rejected ID tokens by reason", ["reason"], registry=r
+        )
+        self.jwks_refreshes = Counter(
+            "sidecar_jwks_refreshes_total", "JWKS fetches by provider and result", ["provider", "result"],
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "sidecar_session_store_errors_total", "Session store operations that failed", registry=r
+        )
+        self.websockets = Gauge("sidecar_open_websockets", "Websockets being relayed", registry=r)
+        self.sessions_created = Counter(
+            "sidecar_sessions_created_total", "Sessions created, by how", ["via"], registry=r
+        )
+
+    def token_failure(self, reason: str) -> None:
+        self.token_failures.labels(reason).inc()
+
+    def request(self, db: str, outcome: str, status: int, seconds: float) -> None:
+        self.requests.labels(db, outcome, str(status)).inc()
+        self.request_seconds.labels(outcome).observe(seconds)

@@ -1,0 +1,96 @@
+"""`GET|POST|DELETE /{db}/_session` on the public port, with Sync Gateway's bodies."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from aiohttp import web
+
+from sidecar import keys
+from sidecar.auth import authenticate, bearer_token, session_cookie
+from sidecar.errors import BadRequest, NotFound, Unauthorized
+from sidecar.identity import Identity
+from sidecar.sessions.cookies import expire_session_cookie, set_session_cookie
+from sidecar.sessions.store import is_well_formed_session_id
+
+AUTH_HANDLERS = ["default", "cookie"]
+
+
+def session_body(identity: Identity | None) -> dict[str, Any]:
+    channels = {ch: 1 for ch in sorted(identity.channels)} if identity else {}
+    return {
+        "authentication_handlers": AUTH_HANDLERS,
+        "ok": True,
+        "userCtx": {"channels": channels, "name": identity.name if identity else None},
+    }
+
+
+async def get_session(request: web.Request) -> web.Response:
+    db = request.app[keys.DATABASES].get(request.match_info["db"])
+    request[keys.DB_NAME] = db.name
+    if bearer_token(request) is None and session_cookie(request, db.cookie_name) is None:
+        return web.json_response(session_body(None))  # no credentials: Sync Gateway's guest answer
+    identity = await authenticate(request, db)
+    request[keys.IDENTITY] = identity
+    return web.json_response(session_body(identity))
+
+
+async def _read_json_object(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise BadRequest("body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    return body
+
+
+async def post_session(request: web.Request) -> web.Response:
+    """An authenticated caller (e.g. a bearer ID token) gets a session and its cookie."""
+    db = request.app[keys.DATABASES].get(request.match_info["db"])
+    request[keys.DB_NAME] = db.name
+    body = await _read_json_object(request)
+    if "name" in body or "password" in body:
+        # Sync Gateway's password login: there are no passwords here, only OpenID Connect.
+        raise Unauthorized("Invalid login: password authentication is not supported")
+    identity = await authenticate(request, db)
+    request[keys.IDENTITY] = identity
+    store = request.app[keys.STORE]
+    user = await store.get_user(db.name, identity.name)
+    if user is None or user.disabled:
+        raise Unauthorized("Invalid login")
+    session_id, session = await store.create_session(
+        user, ttl=request.app[keys.SETTINGS].session.ttl, provider=identity.provider, now=time.time()
+    )
+    request.app[keys.METRICS].sessions_created.labels("post_session").inc()
+    response = web.json_response(session_body(session.to_identity(session_id)))
+    set_session_cookie(request, response, db, session_id, session.expires)
+    return response
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    """Logout: the session is deleted server-side (every replica), the cookie expired."""
+    db = request.app[keys.DATABASES].get(request.match_info["db"])
+    request[keys.DB_NAME] = db.name
+    session_id = session_cookie(request, db.cookie_name)
+    if session_id is None:
+        raise NotFound("no session")
+    if is_well_formed_session_id(session_id):
+        await request.app[keys.STORE].delete_session(db.name, session_id)
+    response = web.json_response({"ok": True})
+    expire_session_cookie(request, response, db)
+    return response
+
+
+def add_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/{db}/_session", get_session)
+    r.add_post("/{db}/_session", post_session)
+    r.add_delete("/{db}/_session", delete_session)
