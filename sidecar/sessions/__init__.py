@@ -1,0 +1,1 @@
+"""Sessions and users: the store (Redis or in-process), its records and the `_session` routes."""
