@@ -86,9 +86,18 @@ async def put_user(request: web.Request) -> web.Response:
     if not isinstance(disabled, bool):
         raise BadRequest("disabled must be true or false")
     existing = await store.get_user(db.name, name)
-    base = existing or User(db=db.name, name=name, email=None, admin_channels=(), admin_roles=(),
-                            disabled=False, jwt_issuer=None, jwt_roles=(), jwt_channels=(),
-                            jwt_last_updated=None)
+    base = existing or User(
+        db=db.name,
+        name=name,
+        email=None,
+        admin_channels=(),
+        admin_roles=(),
+        disabled=False,
+        jwt_issuer=None,
+        jwt_roles=(),
+        jwt_channels=(),
+        jwt_last_updated=None,
+    )
     user = replace(
         base,
         email=email,

@@ -1,4 +1,4 @@
-"""create_app(): the only wiring — resources, middleware, routes of the public and admin listeners."""
+"""create_app(): the only wiring — resources, middleware and routes of both listeners."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from sidecar.auth import authenticate
 from sidecar.config import OIDCConfig, Settings
 from sidecar.databases import Database, Databases
 from sidecar.errors import SidecarError
-from sidecar.headers import CouchDBHeaders, client_ip_trusted, upstream_request_headers
+from sidecar.headers import client_ip_trusted, upstream_request_headers
 from sidecar.identity import Identity
 from sidecar.lifecycle import Lifecycle
 from sidecar.observability import Metrics
@@ -129,7 +129,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         pass_authorization=settings.pass_authorization,
         session_cookie_name=db.cookie_name,
         request_id=request[keys.REQUEST_ID],
-        couchdb=app[keys.COUCHDB],
+        couchdb=settings.couchdb_proxy_auth if settings.couchdb_proxy_auth.enabled else None,
     )
     target = target_url(db.upstream, request.raw_path)
     forwarder = app[keys.FORWARDER]
@@ -194,7 +194,6 @@ async def ready(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------- wiring
 
 
-
 def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
     """The public listener's app; its cleanup_ctx owns every shared resource."""
     app = web.Application(middlewares=[observe], client_max_size=1024**2)
@@ -202,8 +201,9 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app[keys.METRICS] = metrics or Metrics()
     app[keys.LIFECYCLE] = Lifecycle()
     app[keys.WEBSOCKETS] = WebSocketRegistry()
-    app[keys.TRUSTED_NETWORKS] = tuple(ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies)
-    app[keys.COUCHDB] = _couchdb_headers(settings)
+    app[keys.TRUSTED_NETWORKS] = tuple(
+        ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies
+    )
     app.cleanup_ctx.append(_resources)
 
     router = app.router
@@ -221,14 +221,9 @@ def _add_login_routes(app: web.Application) -> None:
     session_routes.add_routes(app)
     settings = app[keys.SETTINGS]
     if settings.unsupported.oidc_test_provider.enabled:
-        TestProvider(public_url=settings.public_url).add_routes(app.router, prefix="/{db}/_oidc_testing")
-
-
-def _couchdb_headers(settings: Settings) -> CouchDBHeaders | None:
-    conf = settings.couchdb_proxy_auth
-    if not conf.enabled:
-        return None
-    return CouchDBHeaders(enabled=True, secret=conf.secret.get() if conf.secret else None)
+        app.add_routes(
+            TestProvider(public_url=settings.public_url).routes(prefix="/{db}/_oidc_testing")
+        )
 
 
 async def _resources(app: web.Application) -> AsyncIterator[None]:
@@ -240,7 +235,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             from sidecar.demo import start_demo_upstream
 
             upstream_override = await stack.enter_async_context(start_demo_upstream())
-        upstream_http = make_client_session()
+        upstream_http = make_client_session(
+            connect_timeout=timeouts.upstream_connect, read_timeout=timeouts.upstream_read
+        )
         stack.push_async_callback(upstream_http.close)
         provider_http = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=timeouts.provider),
@@ -307,4 +304,3 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(
         body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )
-

@@ -10,8 +10,8 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
 from http.cookies import CookieError, SimpleCookie
+from typing import Any
 
 from aiohttp import web
 

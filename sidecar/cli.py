@@ -45,8 +45,11 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
         sites.append(site)
     log.info(
         "sidecar listening",
-        extra={"interface": settings.interface, "admin_interface": settings.admin_interface,
-               "pid": os.getpid()},
+        extra={
+            "interface": settings.interface,
+            "admin_interface": settings.admin_interface,
+            "pid": os.getpid(),
+        },
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -68,8 +71,10 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
 def _run_workers(args: argparse.Namespace, settings: Settings) -> int:
     """N processes on one port (SO_REUSEPORT): this process supervises, each child serves."""
     if settings.session_store is None:
-        print("--workers > 1 needs session_store (Redis): each worker would have its own sessions",
-              file=sys.stderr)
+        print(
+            "--workers > 1 needs session_store (Redis): each worker would have its own sessions",
+            file=sys.stderr,
+        )
         return 2
     cmd = [sys.executable, "-m", "sidecar", "run", "--config", args.config, "--reuse-port"]
     children = [subprocess.Popen(cmd) for _ in range(args.workers)]  # noqa: S603

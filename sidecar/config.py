@@ -134,7 +134,9 @@ class ProviderConfig(Model):
     disable_callback_state: bool = False
     allow_unsigned_provider_tokens: bool = False
     # Extensions beyond Sync Gateway:
-    token_endpoint_auth_method: Literal["auto", "client_secret_basic", "client_secret_post"] = "auto"
+    token_endpoint_auth_method: Literal["auto", "client_secret_basic", "client_secret_post"] = (
+        "auto"
+    )
     # Extra audiences besides client_id that a token may carry (RFC 7519 aud); empty = none.
     trusted_audiences: tuple[str, ...] = ()
     allowed_algorithms: tuple[str, ...] | None = None
@@ -168,7 +170,9 @@ class ProviderConfig(Model):
 
         bad = [a for a in value if a not in ASYMMETRIC_ALGORITHMS]
         if bad:
-            raise ValueError(f"unsupported algorithm(s) {bad}; allowed: {sorted(ASYMMETRIC_ALGORITHMS)}")
+            raise ValueError(
+                f"unsupported algorithm(s) {bad}; allowed: {sorted(ASYMMETRIC_ALGORITHMS)}"
+            )
         if not value:
             raise ValueError("must not be empty")
         return value
@@ -183,7 +187,9 @@ class OIDCConfig(Model):
     def _names(cls, value: dict[str, ProviderConfig]) -> dict[str, ProviderConfig]:
         for name in value:
             if not PROVIDER_NAME.match(name):
-                raise ValueError(f"provider name {name!r} may contain only letters, digits, '.', '-'")
+                raise ValueError(
+                    f"provider name {name!r} may contain only letters, digits, '.', '-'"
+                )
         return value
 
     @model_validator(mode="after")
@@ -310,7 +316,15 @@ class Settings(Model):
         if value is None:
             return value
         scheme = urlsplit(value).scheme
-        allowed = ("redis", "rediss", "unix", "redis+sentinel", "rediss+sentinel", "redis+cluster", "rediss+cluster")
+        allowed = (
+            "redis",
+            "rediss",
+            "unix",
+            "redis+sentinel",
+            "rediss+sentinel",
+            "redis+cluster",
+            "rediss+cluster",
+        )
         if scheme not in allowed:
             raise ValueError(f"must be a Redis URL ({', '.join(s + '://' for s in allowed)})")
         return value
@@ -330,16 +344,22 @@ class Settings(Model):
     def _db_names(cls, value: dict[str, DatabaseConfig]) -> dict[str, DatabaseConfig]:
         for name in value:
             if not DATABASE_NAME.match(name):
-                raise ValueError(f"database name {name!r} must start with a-z and use a-z 0-9 _$()+-")
+                raise ValueError(
+                    f"database name {name!r} must start with a-z and use a-z 0-9 _$()+-"
+                )
         return value
 
     @model_validator(mode="after")
     def _upstreams(self) -> Settings:
         if self.demo_upstream:
             return self
-        missing = [n for n, db in self.databases.items() if db.upstream is None and self.upstream is None]
+        missing = [
+            n for n, db in self.databases.items() if db.upstream is None and self.upstream is None
+        ]
         if missing:
-            raise ValueError(f"upstream: required (no upstream for database(s) {', '.join(missing)})")
+            raise ValueError(
+                f"upstream: required (no upstream for database(s) {', '.join(missing)})"
+            )
         return self
 
     def upstream_for(self, db: str) -> str:

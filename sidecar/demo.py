@@ -10,8 +10,16 @@ from contextlib import asynccontextmanager
 
 from aiohttp import WSMsgType, web
 
-SHOWN_HEADERS = ("x-forwarded-user", "x-forwarded-email", "x-forwarded-roles", "x-forwarded-channels",
-                 "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-request-id")
+SHOWN_HEADERS = (
+    "x-forwarded-user",
+    "x-forwarded-email",
+    "x-forwarded-roles",
+    "x-forwarded-channels",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-request-id",
+)
 
 
 async def echo(request: web.Request) -> web.StreamResponse:

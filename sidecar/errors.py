@@ -1,17 +1,17 @@
 """The sidecar's error hierarchy; one middleware turns each into `{"error", "reason"}` JSON.
 
-    SidecarError (500)
-    ├── BadRequest (400)              malformed input, failed callback checks
-    ├── Unauthorized (401)            no or invalid credentials; upstream never contacted
-    ├── Forbidden (403)
-    ├── NotFound (404)                unknown database, no session
-    ├── MethodNotAllowed (405)
-    ├── PayloadTooLarge (413)
-    ├── UpstreamError (502)           upstream refused / broke the connection
-    │   └── ProviderError (502)       OpenID Provider unreachable or answered nonsense
-    │       └── OAuthError (502/401)  the provider answered an OAuth error (wire code kept)
-    ├── ServiceUnavailable (503)      session store or provider not ready
-    └── GatewayTimeout (504)          upstream did not answer in time
+SidecarError (500)
+├── BadRequest (400)              malformed input, failed callback checks
+├── Unauthorized (401)            no or invalid credentials; upstream never contacted
+├── Forbidden (403)
+├── NotFound (404)                unknown database, no session
+├── MethodNotAllowed (405)
+├── PayloadTooLarge (413)
+├── UpstreamError (502)           upstream refused / broke the connection
+│   └── ProviderError (502)       OpenID Provider unreachable or answered nonsense
+│       └── OAuthError (502/401)  the provider answered an OAuth error (wire code kept)
+├── ServiceUnavailable (503)      session store or provider not ready
+└── GatewayTimeout (504)          upstream did not answer in time
 """
 
 from __future__ import annotations

@@ -2,32 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from ipaddress import IPv4Network, IPv6Network
-from typing import TYPE_CHECKING
 
 from aiohttp import ClientSession, web
 
-if TYPE_CHECKING:
-    from sidecar.config import Settings
-    from sidecar.databases import Databases
-    from sidecar.headers import CouchDBHeaders
-    from sidecar.lifecycle import Lifecycle
-    from sidecar.observability import Metrics
-    from sidecar.proxy import Forwarder
-    from sidecar.sessions.store import SessionStore
-    from sidecar.websockets import WebSocketRegistry
+from sidecar.config import Settings
+from sidecar.databases import Databases
+from sidecar.lifecycle import Lifecycle
+from sidecar.observability import Metrics
+from sidecar.proxy import Forwarder
+from sidecar.sessions.store import SessionStore
+from sidecar.websockets import WebSocketRegistry
 
-SETTINGS = web.AppKey["Settings"]("settings")
-STORE = web.AppKey["SessionStore"]("session_store")
-DATABASES = web.AppKey["Databases"]("databases")
+SETTINGS = web.AppKey[Settings]("settings")
+STORE = web.AppKey[SessionStore]("session_store")
+DATABASES = web.AppKey[Databases]("databases")
 UPSTREAM_HTTP = web.AppKey[ClientSession]("upstream_http")
 PROVIDER_HTTP = web.AppKey[ClientSession]("provider_http")
-FORWARDER = web.AppKey["Forwarder"]("forwarder")
-WEBSOCKETS = web.AppKey["WebSocketRegistry"]("websockets")
-METRICS = web.AppKey["Metrics"]("metrics")
-LIFECYCLE = web.AppKey["Lifecycle"]("lifecycle")
-TRUSTED_NETWORKS = web.AppKey[tuple["IPv4Network | IPv6Network", ...]]("trusted_networks")
-COUCHDB = web.AppKey["CouchDBHeaders | None"]("couchdb_headers")
+FORWARDER = web.AppKey[Forwarder]("forwarder")
+WEBSOCKETS = web.AppKey[WebSocketRegistry]("websockets")
+METRICS = web.AppKey[Metrics]("metrics")
+LIFECYCLE = web.AppKey[Lifecycle]("lifecycle")
+TRUSTED_NETWORKS = web.AppKey[Sequence[IPv4Network | IPv6Network]]("trusted_networks")
 PUBLIC_APP = web.AppKey[web.Application]("public_app")  # the admin app reaches the public one
 
 # Request state: aiohttp requests are MutableMappings; these keys are the only ones we use.

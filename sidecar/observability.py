@@ -13,11 +13,27 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 # Attributes every LogRecord has; anything else was passed with `extra=` and goes into the JSON.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+)
 
 
 class JsonFormatter(logging.Formatter):
-    converter = time.gmtime
+    converter = time.gmtime  # type: ignore[assignment]  # timestamps in UTC
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -35,14 +51,16 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    converter = time.gmtime
+    converter = time.gmtime  # type: ignore[assignment]
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
-        extra = {k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")}
+        extra = {
+            k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")
+        }
         return base + ("  " + " ".join(f"{k}={v}" for k, v in extra.items()) if extra else "")
 
 
@@ -82,14 +100,21 @@ class Metrics:
             registry=r,
         )
         self.logins = Counter(
-            "sidecar_logins_total", "Logins and refreshes by provider, kind and result",
-            ["provider", "kind", "result"], registry=r,
+            "sidecar_logins_total",
+            "Logins and refreshes by provider, kind and result",
+            ["provider", "kind", "result"],
+            registry=r,
         )
         self.token_failures = Counter(
-            "sidecar_token_validation_failures_total", "Rejected ID tokens by reason", ["reason"], registry=r
+            "sidecar_token_validation_failures_total",
+            "Rejected ID tokens by reason",
+            ["reason"],
+            registry=r,
         )
         self.jwks_refreshes = Counter(
-            "sidecar_jwks_refreshes_total", "JWKS fetches by provider and result", ["provider", "result"],
+            "sidecar_jwks_refreshes_total",
+            "JWKS fetches by provider and result",
+            ["provider", "result"],
             registry=r,
         )
         self.store_errors = Counter(

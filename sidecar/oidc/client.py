@@ -14,8 +14,11 @@ from typing import Any
 from urllib.parse import quote_plus
 
 import aiohttp
-from authlib.oauth2.rfc6749.parameters import prepare_grant_uri, prepare_token_request
-from authlib.oauth2.rfc7636 import create_s256_code_challenge
+from authlib.oauth2.rfc6749.parameters import (  # type: ignore[import-untyped]
+    prepare_grant_uri,
+    prepare_token_request,
+)
+from authlib.oauth2.rfc7636 import create_s256_code_challenge  # type: ignore[import-untyped]
 
 from sidecar.config import ProviderConfig
 from sidecar.errors import OAuthError, ProviderError
@@ -91,6 +94,8 @@ async def token_request(
     """POST to the token endpoint; OAuth errors keep their wire code, transport errors are 502."""
     if config.validation_key is None:
         raise ProviderError("provider has no validation_key (client secret) configured")
+    if not meta.token_endpoint:
+        raise ProviderError("provider metadata has no token_endpoint")
     secret = config.validation_key.get()
     headers = {"Accept": "application/json", "Content-Type": "application/x-www-form-urlencoded"}
     if auth_method(meta, config) == "client_secret_basic":
@@ -101,8 +106,9 @@ async def token_request(
             grant_type, client_id=config.client_id, client_secret=secret, **params
         )
     try:
-        async with http.post(meta.token_endpoint, data=body, headers=headers,
-                             allow_redirects=False) as resp:
+        async with http.post(
+            meta.token_endpoint, data=body, headers=headers, allow_redirects=False
+        ) as resp:
             raw = await resp.content.read(MAX_TOKEN_RESPONSE + 1)
             status = resp.status
     except (aiohttp.ClientError, TimeoutError) as exc:

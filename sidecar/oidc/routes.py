@@ -1,4 +1,4 @@
-"""Sync Gateway's login endpoints: `/{db}/_oidc`, `_oidc_challenge`, `_oidc_callback`, `_oidc_refresh`.
+"""Sync Gateway's login endpoints: `/{db}/_oidc`, `_oidc_challenge`, `_oidc_callback`, `_refresh`.
 
 Safer than the original without breaking its clients: state is single-use and bound to the
 browser by a cookie, every request carries a nonce and a PKCE S256 challenge.
@@ -55,7 +55,9 @@ def _provider(registry: ProviderRegistry, name: str | None) -> Provider:
     return registry.get(name or None)
 
 
-def callback_url(request: web.Request, db: Database, provider: Provider, default: str | None) -> str:
+def callback_url(
+    request: web.Request, db: Database, provider: Provider, default: str | None
+) -> str:
     """The configured callback_url, else `{public_url or scheme://host}/{db}/_oidc_callback`.
 
     `?provider=` is added for a non-default provider so the callback knows whose code it is.
@@ -84,11 +86,15 @@ async def _start_login(request: web.Request) -> tuple[str, Database]:
         offline=_param(request, "offline") == "true",
     )
     store = request.app[keys.STORE]
-    await store.put_record("login", _digest(login.state), asdict(login) | {"db": db.name}, STATE_TTL)
+    await store.put_record(
+        "login", _digest(login.state), asdict(login) | {"db": db.name}, STATE_TTL
+    )
     return authorization_url(meta, provider.config, login), db
 
 
-def _set_state_cookie(request: web.Request, response: web.StreamResponse, db: Database, state: str) -> None:
+def _set_state_cookie(
+    request: web.Request, response: web.StreamResponse, db: Database, state: str
+) -> None:
     response.set_cookie(
         STATE_COOKIE,
         state,
@@ -142,7 +148,9 @@ async def oidc_callback(request: web.Request) -> web.StreamResponse:
     error = _param(request, "error")
     if error is not None:
         description = _param(request, "error_description") or error
-        request.app[keys.METRICS].logins.labels(_param(request, "provider") or "-", "login", "provider_error").inc()
+        request.app[keys.METRICS].logins.labels(
+            _param(request, "provider") or "-", "login", "provider_error"
+        ).inc()
         raise Unauthorized(f"oidc callback received an error: {_clean(description)}")
     code = _param(request, "code")
     if not code:
@@ -168,15 +176,21 @@ async def oidc_callback(request: web.Request) -> web.StreamResponse:
     login = LoginRequest(**{k: v for k, v in record.items() if k != "db"})
 
     tokens = await _grant(
-        request, provider, "login", "authorization_code",
-        code=code, redirect_uri=login.redirect_uri, code_verifier=login.code_verifier,
+        request,
+        provider,
+        "login",
+        "authorization_code",
+        code=code,
+        redirect_uri=login.redirect_uri,
+        code_verifier=login.code_verifier,
     )
     claims = await _validate(request, provider, tokens["id_token"], nonce=login.nonce)
     user = await login_user(store, db, provider.name, provider.config, claims)
     refresh_token = tokens.get("refresh_token")
     if isinstance(refresh_token, str) and refresh_token:
         await store.put_record(
-            "refresh", _digest(refresh_token),
+            "refresh",
+            _digest(refresh_token),
             {"db": db.name, "provider": provider.name, "iss": claims["iss"], "sub": claims["sub"]},
             REFRESH_BINDING_TTL,
         )
@@ -199,7 +213,9 @@ async def oidc_refresh(request: web.Request) -> web.StreamResponse:
     if binding is None or binding.get("db") != db.name or binding.get("provider") != provider.name:
         request.app[keys.METRICS].logins.labels(provider.name, "refresh", "unknown_token").inc()
         raise Unauthorized("Unable to refresh token: unknown refresh token")
-    tokens = await _grant(request, provider, "refresh", "refresh_token", refresh_token=refresh_token)
+    tokens = await _grant(
+        request, provider, "refresh", "refresh_token", refresh_token=refresh_token
+    )
     claims = await _validate(request, provider, tokens["id_token"], nonce=None)
     # OIDC Core 12.2: a refreshed ID token keeps the original iss and sub.
     if claims["iss"] != binding["iss"] or claims["sub"] != binding["sub"]:
@@ -209,7 +225,9 @@ async def oidc_refresh(request: web.Request) -> web.StreamResponse:
     if isinstance(new_refresh, str) and new_refresh and new_refresh != refresh_token:
         await store.put_record("refresh", _digest(new_refresh), binding, REFRESH_BINDING_TTL)
     user = await login_user(store, db, provider.name, provider.config, claims)
-    return await _session_answer(request, db, provider, user, tokens, {"id_token": tokens["id_token"]})
+    return await _session_answer(
+        request, db, provider, user, tokens, {"id_token": tokens["id_token"]}
+    )
 
 
 async def _grant(
@@ -224,13 +242,17 @@ async def _grant(
         )
     except ProviderError as exc:
         metrics.logins.labels(provider.name, kind, "failed").inc()
-        log.info("token request failed", extra={"provider": provider.name, "kind": kind,
-                                                 "why": exc.reason})
+        log.info(
+            "token request failed",
+            extra={"provider": provider.name, "kind": kind, "why": exc.reason},
+        )
         if kind == "refresh" and exc.status == 401:
             raise Unauthorized(f"Unable to refresh token: {exc.reason}") from None
         raise
     finally:
-        metrics.provider_seconds.labels(provider.name, "token").observe(time.perf_counter() - started)
+        metrics.provider_seconds.labels(provider.name, "token").observe(
+            time.perf_counter() - started
+        )
     metrics.logins.labels(provider.name, kind, "ok").inc()
     return tokens
 
@@ -244,8 +266,10 @@ async def _validate(
         )
     except TokenError as exc:
         request.app[keys.METRICS].token_failure(exc.code)
-        log.warning("provider sent an ID token that failed validation",
-                    extra={"provider": provider.name, "reason": exc.code})
+        log.warning(
+            "provider sent an ID token that failed validation",
+            extra={"provider": provider.name, "reason": exc.code},
+        )
         raise Unauthorized(f"Invalid ID token from provider: {exc.reason}") from None
     return claims
 

@@ -16,7 +16,11 @@ def secure_cookies(request: web.Request) -> bool:
 
 
 def set_session_cookie(
-    request: web.Request, response: web.StreamResponse, db: Database, session_id: str, expires: float
+    request: web.Request,
+    response: web.StreamResponse,
+    db: Database,
+    session_id: str,
+    expires: float,
 ) -> None:
     response.set_cookie(
         db.cookie_name,

@@ -67,7 +67,10 @@ async def post_session(request: web.Request) -> web.Response:
     if user is None or user.disabled:
         raise Unauthorized("Invalid login")
     session_id, session = await store.create_session(
-        user, ttl=request.app[keys.SETTINGS].session.ttl, provider=identity.provider, now=time.time()
+        user,
+        ttl=request.app[keys.SETTINGS].session.ttl,
+        provider=identity.provider,
+        now=time.time(),
     )
     request.app[keys.METRICS].sessions_created.labels("post_session").inc()
     response = web.json_response(session_body(session.to_identity(session_id)))
