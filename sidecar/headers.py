@@ -1,0 +1,250 @@
+"""Header hygiene: which headers reach the upstream (identity added, spoofs removed) and which
+come back to the client. Pure functions; the proxy calls them around its I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+
+from multidict import CIMultiDict
+
+from sidecar.config import CouchDBProxyAuth, IdentityHeaders, Secret
+from sidecar.identity import Identity
+
+# RFC 9110 7.6.1: meaningful for one connection only, never forwarded. Keep-Alive and
+# Proxy-Connection are pre-standard but still sent by real clients.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# RFC 6455 4.1: the proxy runs its own WebSocket handshake with the upstream.
+WEBSOCKET_HANDSHAKE = frozenset(
+    {
+        "sec-websocket-accept",
+        "sec-websocket-extensions",
+        "sec-websocket-key",
+        "sec-websocket-protocol",
+        "sec-websocket-version",
+    }
+)
+# Host: the upstream gets its own host (the client's travels as X-Forwarded-Host).
+# Expect: the sidecar's server already answered "100 Continue" to the client.
+_REPLACED = frozenset({"host", "expect"})
+# Claims about the client's connection, believable only from a trusted proxy.
+_FORWARDING = frozenset(
+    {"forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip"}
+)
+_COUCHDB_PREFIX = "x-auth-couchdb-"
+COUCHDB_USER = "X-Auth-CouchDB-UserName"
+COUCHDB_ROLES = "X-Auth-CouchDB-Roles"
+COUCHDB_TOKEN = "X-Auth-CouchDB-Token"
+REQUEST_ID = "X-Request-ID"
+
+# Bytes written as-is in identity values: visible ASCII except "%" (the escape itself) and ","
+# (the list separator), so the encoding is injective: two different names never produce
+# the same header value, and one role can never turn into two.
+_VERBATIM = frozenset(range(0x21, 0x7F)) - {ord("%"), ord(",")}
+
+
+@dataclass(frozen=True, slots=True)
+class CouchDBHeaders:
+    """CouchDB proxy authentication: send X-Auth-CouchDB-UserName/-Roles (and -Token)."""
+
+    enabled: bool = True
+    secret: str | None = field(default=None, repr=False)  # chttpd_auth/secret; adds the token
+
+
+def _norm(name: str) -> str:
+    # Security: CGI/WSGI-style upstreams map "_" to "-" (X_Forwarded_User arrives as
+    # HTTP_X_FORWARDED_USER), so look-alikes are compared with "_" folded into "-".
+    return name.lower().replace("_", "-")
+
+
+def encode_value(text: str) -> str:
+    """Percent-encode the UTF-8 bytes of `text` outside visible ASCII, plus "%" and ",".
+
+    Security: identity values come from token claims. CR, LF and NUL (and every other control
+    byte) are encoded, never stripped: stripping would let "adm\\nin" pass as "admin".
+    """
+    raw = text.encode("utf-8", "surrogatepass")  # lone surrogates are legal in JSON strings
+    return "".join(chr(b) if b in _VERBATIM else f"%{b:02X}" for b in raw)
+
+
+def _encode_list(values: Iterable[str]) -> str:
+    return ",".join(encode_value(v) for v in sorted(values))
+
+
+def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
+    """Header names the sender declared hop-by-hop in its Connection header(s) (RFC 9110 7.6.1)."""
+    return frozenset(
+        _norm(token.strip())
+        for name, value in headers.items()
+        if name.lower() == "connection"
+        for token in value.split(",")
+        if token.strip()
+    )
+
+
+def strip_cookie(value: str, name: str) -> str:
+    """Remove cookie `name` from a Cookie header value; other cookies keep order and text."""
+    pairs = [pair.strip() for pair in value.split(";")]
+    kept = [pair for pair in pairs if pair and pair.split("=", 1)[0].strip() != name]
+    if len(kept) == len([pair for pair in pairs if pair]):
+        return value  # nothing removed: forward the exact original text
+    return "; ".join(kept)
+
+
+def couchdb_token(secret: str, username: str) -> str:
+    """X-Auth-CouchDB-Token: hex HMAC of the username sent, keyed with chttpd_auth/secret.
+
+    CouchDB >= 3.3 checks it with every algorithm in chttpd_auth/hash_algorithms, default
+    "sha256, sha" (docs.couchdb.org/en/stable/config/auth.html#chttpd_auth/hash_algorithms);
+    older releases accept HMAC-SHA1 only.
+    """
+    return hmac.new(secret.encode(), username.encode(), hashlib.sha256).hexdigest()
+
+
+def upstream_request_headers(
+    incoming: Mapping[str, str],
+    *,
+    identity: Identity,
+    names: IdentityHeaders,
+    peer: str | None,
+    scheme: str,
+    host: str | None,
+    trusted: bool,
+    pass_authorization: bool,
+    session_cookie_name: str,
+    request_id: str | None,
+    couchdb: CouchDBHeaders | CouchDBProxyAuth | None = None,
+) -> CIMultiDict[str]:
+    """The headers to send upstream for a request from `peer` made on behalf of `identity`.
+
+    `incoming` should be the request's CIMultiDictProxy so repeated headers stay repeated.
+    `trusted`: `peer` is a configured trusted proxy (see `client_ip_trusted`), so its
+    X-Forwarded-* / Forwarded claims are kept and extended rather than replaced.
+    """
+    connection_named = _connection_tokens(incoming)
+    # Security (request smuggling): with Transfer-Encoding the length is the chunks', never a
+    # Content-Length sent alongside (RFC 9112 6.3); aiohttp re-frames the body it forwards.
+    chunked = any(name.lower() == "transfer-encoding" for name in incoming)
+    # Security: only the sidecar speaks for the caller; every client copy of these goes.
+    ours = {_norm(n) for n in (names.user, names.email, names.roles, names.channels)}
+    out: CIMultiDict[str] = CIMultiDict()
+    forwarded_for: list[str] = []
+    for name, value in incoming.items():
+        key = _norm(name)
+        if (
+            key in HOP_BY_HOP
+            or key in connection_named
+            or key in WEBSOCKET_HANDSHAKE
+            or key in _REPLACED
+            or (chunked and key == "content-length")
+        ):
+            continue
+        if key in ours or key.startswith(_COUCHDB_PREFIX):  # security: identity spoofing
+            continue
+        if key in _FORWARDING:
+            # Security: believe forwarding claims only from a trusted proxy, and only under
+            # their exact names (a trusted proxy does not send X_Forwarded_For).
+            if trusted and name.lower() == key:
+                if key == "x-forwarded-for":
+                    forwarded_for.append(value.strip())
+                else:
+                    out.add(name, value)
+            continue
+        if key == "x-request-id" and (request_id is not None or name.lower() != key):
+            continue
+        if not pass_authorization:
+            # Security: the upstream must not see the credential the sidecar consumed.
+            if key == "authorization":
+                continue
+            if key == "cookie":
+                value = strip_cookie(value, session_cookie_name)
+                if not value:
+                    continue
+        out.add(name, value)
+
+    if peer:
+        forwarded_for.append(peer)
+    if forwarded_for:
+        out["X-Forwarded-For"] = ", ".join(v for v in forwarded_for if v)
+    if "X-Forwarded-Proto" not in out:
+        out["X-Forwarded-Proto"] = scheme
+    if host and "X-Forwarded-Host" not in out:
+        out["X-Forwarded-Host"] = host
+
+    user = encode_value(identity.name)
+    out[names.user] = user
+    if identity.email:
+        out[names.email] = encode_value(identity.email)
+    if identity.roles:
+        out[names.roles] = _encode_list(identity.roles)
+    if identity.channels:
+        out[names.channels] = _encode_list(identity.channels)
+    if request_id is not None:
+        out[REQUEST_ID] = encode_value(request_id)
+
+    if couchdb is not None and couchdb.enabled:
+        # CouchDB proxy authentication:
+        # docs.couchdb.org/en/stable/api/server/authn.html#proxy-authentication
+        out[COUCHDB_USER] = user
+        if identity.roles:
+            out[COUCHDB_ROLES] = _encode_list(identity.roles)
+        secret = couchdb.secret
+        if secret is not None:
+            key = secret.get() if isinstance(secret, Secret) else secret
+            out[COUCHDB_TOKEN] = couchdb_token(key, user)
+    return out
+
+
+def downstream_response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
+    """The upstream response's headers minus hop-by-hop ones, ready for a StreamResponse.
+
+    Content-Length is kept, so aiohttp writes exactly that many bytes without chunking (and a
+    HEAD answer keeps its length). Transfer-Encoding is dropped: with no length, aiohttp
+    re-chunks for HTTP/1.1 clients or closes the connection after an HTTP/1.0 body.
+    """
+    connection_named = _connection_tokens(upstream)
+    chunked = any(name.lower() == "transfer-encoding" for name in upstream)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        key = name.lower()
+        if key in HOP_BY_HOP or key in connection_named:
+            continue
+        if key == "content-length" and chunked:  # RFC 9112 6.3: Transfer-Encoding wins
+            continue
+        out.add(name, value)
+    return out
+
+
+def client_ip_trusted(
+    peer: str | None, trusted_networks: Sequence[IPv4Network | IPv6Network]
+) -> bool:
+    """Is the direct peer inside one of the trusted proxy networks?"""
+    if not peer or not trusted_networks:
+        return False
+    try:
+        address: IPv4Address | IPv6Address = ip_address(peer)
+    except ValueError:
+        return False
+    if isinstance(address, IPv6Address):
+        if address.scope_id:
+            address = IPv6Address(peer.split("%", 1)[0])
+        if address.ipv4_mapped is not None:  # a dual-stack socket reports ::ffff:10.0.0.1
+            address = address.ipv4_mapped
+    return any(address in network for network in trusted_networks)
