@@ -203,8 +203,11 @@ def upstream_request_headers(
         # CouchDB proxy authentication:
         # docs.couchdb.org/en/stable/api/server/authn.html#proxy-authentication
         out[COUCHDB_USER] = user
-        if identity.roles:
-            out[COUCHDB_ROLES] = _encode_list(identity.roles)
+        # Security: CouchDB reserves roles starting with "_" (`_admin` is a server admin);
+        # a provider's claim must never grant them.
+        roles = [r for r in identity.roles if not r.startswith("_")]
+        if roles:
+            out[COUCHDB_ROLES] = _encode_list(roles)
         secret = couchdb.secret
         if secret is not None:
             key = secret.get() if isinstance(secret, Secret) else secret

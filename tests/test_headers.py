@@ -531,3 +531,18 @@ def test_client_ip_trusted(
     peer: str | None, networks: list[IPv4Network | IPv6Network], expected: bool
 ) -> None:
     assert client_ip_trusted(peer, networks) is expected
+
+
+@pytest.mark.parametrize(
+    ("roles", "expected"),
+    [
+        ({"_admin", "editor"}, ["editor"]),
+        ({"_admin"}, []),
+        ({"_reader", "a", "b"}, ["a,b"]),
+        ({"admin_"}, ["admin_"]),
+    ],
+)
+def test_couchdb_reserved_roles_are_never_granted(roles: set[str], expected: list[str]) -> None:
+    identity = Identity(name="alice", roles=frozenset(roles))
+    out = build([], identity=identity, couchdb=CouchDBProxyAuth(enabled=True))
+    assert out.getall("X-Auth-CouchDB-Roles", []) == expected
