@@ -30,7 +30,7 @@ from sidecar.oidc.provider import ProviderRegistry
 from sidecar.oidc.test_provider import TestProvider
 from sidecar.proxy import Forwarder, make_client_session, target_url
 from sidecar.sessions import routes as session_routes
-from sidecar.sessions.store import create_store, hash_session_id
+from sidecar.sessions.store import StoreUnavailable, create_store, hash_session_id
 from sidecar.websockets import WebSocketRegistry
 
 log = logging.getLogger("sidecar")
@@ -63,6 +63,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     except SidecarError as exc:
         response = error_response(exc)
         outcome = "rejected" if exc.status < 500 else "failed"
+        if isinstance(exc, StoreUnavailable):
+            _metrics(request).store_errors.inc()
     except web.HTTPException as exc:  # aiohttp's own 404/405 for unrouted paths
         if exc.status < 400:
             raise
@@ -86,11 +88,15 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
+def _metrics(request: web.Request) -> Metrics:
+    app = request.app
+    return app[keys.METRICS] if keys.METRICS in app else app[keys.PUBLIC_APP][keys.METRICS]
+
+
 def _log_request(request: web.Request, status: int, seconds: float, outcome: str) -> None:
     identity = request.get(keys.IDENTITY)
     db = request.get(keys.DB_NAME, "-")
-    metrics = request.app.get(keys.METRICS) or request.app[keys.PUBLIC_APP][keys.METRICS]
-    metrics.request(db, outcome, status, seconds)
+    _metrics(request).request(db, outcome, status, seconds)
     if access_log.isEnabledFor(logging.INFO):
         access_log.info(
             "request",
@@ -267,7 +273,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         stack.callback(store.subscribe(app[keys.WEBSOCKETS].on_store_event))
 
         def make_registry(oidc: OIDCConfig) -> ProviderRegistry:
-            return ProviderRegistry(oidc, provider_http, timeout=timeouts.provider)
+            return ProviderRegistry(
+                oidc,
+                provider_http,
+                timeout=timeouts.provider,
+                on_fetch=app[keys.METRICS].provider_fetch,
+            )
 
         app[keys.DATABASES] = Databases.build(settings, make_registry, upstream_override)
         refreshers = [

@@ -125,6 +125,11 @@ class Metrics:
             "sidecar_sessions_created_total", "Sessions created, by how", ["via"], registry=r
         )
 
+    def provider_fetch(self, provider: str, kind: str, result: str, seconds: float) -> None:
+        self.provider_seconds.labels(provider, kind).observe(seconds)
+        if kind == "jwks":
+            self.jwks_refreshes.labels(provider, result).inc()
+
     def token_failure(self, reason: str) -> None:
         self.token_failures.labels(reason).inc()
 

@@ -152,6 +152,10 @@ def _is_json(content_type: str) -> bool:
     )
 
 
+# (provider, "discovery" | "jwks", "ok" | "failed", seconds): for metrics.
+FetchObserver = Callable[[str, str, str, float], None]
+
+
 class Provider:
     """One OpenID Provider: metadata and keys, fetched lazily and refreshed in the background."""
 
@@ -166,8 +170,10 @@ class Provider:
         min_jwks_refresh_interval: float = 30.0,
         failure_cooldown: float = 2.0,
         cache: VerifiedTokenCache | None = None,
+        on_fetch: FetchObserver | None = None,
     ) -> None:
         self.name = name
+        self._on_fetch = on_fetch
         self.config = config
         self.cache = cache if cache is not None else VerifiedTokenCache()
         self.last_error: str | None = None
@@ -218,6 +224,19 @@ class Provider:
 
     async def _fetch_json(self, url: str, what: str) -> tuple[Any, float]:
         """GET a JSON document (bounded size, JSON type); also its refresh interval."""
+        if self._on_fetch is None:
+            return await self._fetch_json_unobserved(url, what)
+        started = time.perf_counter()
+        result = "failed"
+        try:
+            found = await self._fetch_json_unobserved(url, what)
+            result = "ok"
+            return found
+        finally:
+            kind = "jwks" if what == "JWKS" else "discovery"
+            self._on_fetch(self.name, kind, result, time.perf_counter() - started)
+
+    async def _fetch_json_unobserved(self, url: str, what: str) -> tuple[Any, float]:
         try:
             async with self._http.get(
                 url,
@@ -457,6 +476,7 @@ class ProviderRegistry:
         clock: Callable[[], float] = time.time,
         timeout: float = 10.0,
         min_jwks_refresh_interval: float = 30.0,
+        on_fetch: FetchObserver | None = None,
     ) -> None:
         self._providers = {
             name: Provider(
@@ -466,6 +486,7 @@ class ProviderRegistry:
                 clock=clock,
                 timeout=timeout,
                 min_jwks_refresh_interval=min_jwks_refresh_interval,
+                on_fetch=on_fetch,
             )
             for name, conf in oidc.providers.items()
         }
