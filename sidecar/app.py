@@ -82,10 +82,15 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             status=500,
         )
         outcome = "failed"
-    if not response.prepared:
-        response.headers["X-Request-ID"] = rid
     _log_request(request, response.status, time.perf_counter() - started, outcome)
     return response
+
+
+async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer, streamed ones included, carries the request id it was logged under."""
+    rid = request.get(keys.REQUEST_ID)
+    if rid is not None:
+        response.headers["X-Request-ID"] = rid
 
 
 def _metrics(request: web.Request) -> Metrics:
@@ -211,6 +216,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
         ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies
     )
     app.cleanup_ctx.append(_resources)
+    app.on_response_prepare.append(add_request_id)
 
     router = app.router
     router.add_get("/_health", live)
@@ -301,6 +307,7 @@ def create_admin_app(public: web.Application) -> web.Application:
     """The admin listener: health, metrics and (with the login flow) the user/session API."""
     admin = web.Application(middlewares=[observe], client_max_size=1024**2)
     admin[keys.PUBLIC_APP] = public
+    admin.on_response_prepare.append(add_request_id)
     admin.router.add_get("/_health", live)
     admin.router.add_get("/_ready", ready)
     admin.router.add_get("/_metrics", metrics_handler)

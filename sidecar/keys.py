@@ -9,6 +9,7 @@ from aiohttp import ClientSession, web
 
 from sidecar.config import Settings
 from sidecar.databases import Databases
+from sidecar.identity import Identity
 from sidecar.lifecycle import Lifecycle
 from sidecar.observability import Metrics
 from sidecar.proxy import Forwarder
@@ -27,7 +28,7 @@ LIFECYCLE = web.AppKey[Lifecycle]("lifecycle")
 TRUSTED_NETWORKS = web.AppKey[Sequence[IPv4Network | IPv6Network]]("trusted_networks")
 PUBLIC_APP = web.AppKey[web.Application]("public_app")  # the admin app reaches the public one
 
-# Request state: aiohttp requests are MutableMappings; these keys are the only ones we use.
-IDENTITY = "sidecar.identity"
-REQUEST_ID = "sidecar.request_id"
-DB_NAME = "sidecar.db"
+# Request state.
+IDENTITY = web.RequestKey[Identity]("identity")
+REQUEST_ID = web.RequestKey[str]("request_id")
+DB_NAME = web.RequestKey[str]("db")

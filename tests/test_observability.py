@@ -1,0 +1,170 @@
+"""Logs and metrics of the real sidecar: one JSON line per request, request ids, Prometheus names."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+from support.redis_server import free_port
+from support.sidecar import Sidecar, Upstream, base_config, running_sidecar
+
+from sidecar.observability import JsonFormatter, TextFormatter
+
+
+def config(upstream: Upstream) -> dict[str, Any]:
+    port = free_port()
+    return base_config(
+        port,
+        free_port(),
+        upstream=upstream.url,
+        unsupported={"oidc_test_provider": {"enabled": True}},
+        databases={
+            "db": {
+                "oidc": {
+                    "providers": {
+                        "test": {
+                            "issuer": f"http://127.0.0.1:{port}/db/_oidc_testing",
+                            "client_id": "sync_gateway",
+                            "validation_key": "secret",
+                            "register": True,
+                        }
+                    }
+                }
+            }
+        },
+    )
+
+
+@pytest.fixture
+async def sidecar(upstream: Upstream) -> AsyncIterator[Sidecar]:
+    async with running_sidecar(config(upstream)) as running:
+        yield running
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    """The sidecar's log lines as its JSON formatter writes them."""
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.getLogger("sidecar")
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield buffer
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
+
+
+def lines(buffer: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in buffer.getvalue().splitlines() if line.strip()]
+
+
+async def session_cookie(sidecar: Sidecar, http: aiohttp.ClientSession, name: str) -> str:
+    async with http.put(f"{sidecar.admin_url}/db/_user/{name}", json={}) as r:
+        assert r.status in (200, 201)
+    async with http.post(f"{sidecar.admin_url}/db/_session", json={"name": name}) as r:
+        assert r.status == 200
+        session_id: str = (await r.json())["session_id"]
+        return session_id
+
+
+async def test_one_json_line_per_request_without_secrets(
+    sidecar: Sidecar, upstream: Upstream, json_log: io.StringIO
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        sid = await session_cookie(sidecar, http, "alice")
+        url = f"{sidecar.url}/db/doc?code=SECRETCODE&refresh_token=SECRETRT"
+        async with http.get(url, headers={"Cookie": f"SyncGatewaySession={sid}"}) as r:
+            assert r.status == 200
+    entries = [e for e in lines(json_log) if e.get("logger") == "sidecar.access"]
+    proxied = [e for e in entries if e.get("db") == "db" and e.get("path") == "/db/doc"]
+    assert len(proxied) == 1
+    entry = proxied[0]
+    assert entry["method"] == "GET"
+    assert entry["status"] == 200
+    assert entry["user"] == "alice"
+    assert isinstance(entry["duration_ms"], float)
+    assert len(entry["request_id"]) >= 8
+    text = json_log.getvalue()
+    for secret in (sid, "SECRETCODE", "SECRETRT"):
+        assert secret not in text
+
+
+async def test_request_id_is_kept_or_made_and_passed_upstream(
+    sidecar: Sidecar, upstream: Upstream
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        sid = await session_cookie(sidecar, http, "bob")
+        cookie = {"Cookie": f"SyncGatewaySession={sid}"}
+        async with http.get(
+            f"{sidecar.url}/db/a", headers=cookie | {"X-Request-ID": "abc-123"}
+        ) as r:
+            assert r.headers["X-Request-ID"] == "abc-123"
+        async with http.get(
+            f"{sidecar.url}/db/b", headers=cookie | {"X-Request-ID": "bad\tid"}
+        ) as r:
+            made = r.headers["X-Request-ID"]
+            assert made != "bad\tid" and len(made) == 16
+        async with http.get(f"{sidecar.url}/db/c") as r:  # rejected requests get one too
+            assert r.status == 401
+            assert r.headers["X-Request-ID"]
+    assert upstream.header(0, "X-Request-ID") == ["abc-123"]
+    assert upstream.header(1, "X-Request-ID") == [made]
+    assert len(upstream.requests) == 2
+
+
+async def test_metrics_on_admin_port_only(sidecar: Sidecar, upstream: Upstream) -> None:
+    async with aiohttp.ClientSession() as http:
+        sid = await session_cookie(sidecar, http, "carol")
+        async with http.get(f"{sidecar.url}/db/x", headers={"Cookie": f"SyncGatewaySession={sid}"}):
+            pass
+        async with http.get(f"{sidecar.url}/db/x", headers={"Authorization": "Bearer a.b.c"}) as r:
+            assert r.status == 401
+        async with http.get(f"{sidecar.url}/_metrics") as r:
+            assert r.status == 401 or r.status == 404  # never the metrics on the public port
+            assert "sidecar_requests_total" not in await r.text()
+        async with http.get(f"{sidecar.admin_url}/_metrics") as r:
+            assert r.status == 200
+            body = await r.text()
+    for name in (
+        "sidecar_requests_total",
+        "sidecar_request_duration_seconds_bucket",
+        "sidecar_provider_request_duration_seconds",
+        "sidecar_logins_total",
+        "sidecar_token_validation_failures_total",
+        "sidecar_jwks_refreshes_total",
+        "sidecar_session_store_errors_total",
+        "sidecar_open_websockets",
+        "sidecar_sessions_created_total",
+    ):
+        assert name in body, name
+    assert 'sidecar_requests_total{db="db",outcome="ok",status="200"}' in body
+    assert 'sidecar_requests_total{db="db",outcome="rejected",status="401"}' in body
+    assert 'sidecar_sessions_created_total{via="admin"} 1.0' in body
+
+
+async def test_health_reveals_nothing_sensitive(sidecar: Sidecar) -> None:
+    async with aiohttp.ClientSession() as http:
+        for url in (f"{sidecar.url}/_ready", f"{sidecar.admin_url}/_ready"):
+            async with http.get(url) as r:
+                body = await r.json()
+                assert set(body) == {"ready", "session_store", "providers", "draining"}
+                assert "secret" not in json.dumps(body)
+        async with http.get(f"{sidecar.url}/_health") as r:
+            assert r.status == 200
+
+
+@pytest.mark.parametrize("formatter", [JsonFormatter(), TextFormatter()])
+def test_formatters_carry_extra_fields(formatter: logging.Formatter) -> None:
+    record = logging.LogRecord("sidecar.x", logging.INFO, __file__, 1, "hello %s", ("you",), None)
+    record.user = "alice"
+    out = formatter.format(record)
+    assert "hello you" in out and "alice" in out
