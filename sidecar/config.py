@@ -22,7 +22,6 @@ from pydantic import (
     GetCoreSchemaHandler,
     ValidationError,
     field_validator,
-    model_validator,
 )
 from pydantic_core import core_schema
 
@@ -182,22 +181,6 @@ class OIDCConfig(Model):
     default_provider: str | None = None
     providers: dict[str, ProviderConfig] = Field(min_length=1)
 
-    @field_validator("providers")
-    @classmethod
-    def _names(cls, value: dict[str, ProviderConfig]) -> dict[str, ProviderConfig]:
-        for name in value:
-            if not PROVIDER_NAME.match(name):
-                raise ValueError(
-                    f"provider name {name!r} may contain only letters, digits, '.', '-'"
-                )
-        return value
-
-    @model_validator(mode="after")
-    def _default(self) -> OIDCConfig:
-        if self.default_provider is not None and self.default_provider not in self.providers:
-            raise ValueError(f"default_provider {self.default_provider!r} is not in providers")
-        return self
-
     @property
     def default(self) -> str | None:
         """The default provider: named by `default_provider`, or the only one."""
@@ -339,33 +322,10 @@ class Settings(Model):
                 raise ValueError(f"{item!r} is not an IP address or CIDR") from None
         return value
 
-    @field_validator("databases")
-    @classmethod
-    def _db_names(cls, value: dict[str, DatabaseConfig]) -> dict[str, DatabaseConfig]:
-        for name in value:
-            if not DATABASE_NAME.match(name):
-                raise ValueError(
-                    f"database name {name!r} must start with a-z and use a-z 0-9 _$()+-"
-                )
-        return value
-
-    @model_validator(mode="after")
-    def _upstreams(self) -> Settings:
-        if self.demo_upstream:
-            return self
-        missing = [
-            n for n, db in self.databases.items() if db.upstream is None and self.upstream is None
-        ]
-        if missing:
-            raise ValueError(
-                f"upstream: required (no upstream for database(s) {', '.join(missing)})"
-            )
-        return self
-
     def upstream_for(self, db: str) -> str:
         conf = self.databases[db]
         url = conf.upstream or self.upstream
-        assert url is not None  # guaranteed by _upstreams unless demo_upstream fills it in
+        assert url is not None  # guaranteed by cross_checks unless demo_upstream fills it in
         return url
 
 
@@ -387,14 +347,52 @@ def _messages(exc: ValidationError) -> list[str]:
     return problems
 
 
+def cross_checks(data: Mapping[str, Any]) -> list[str]:
+    """Rules that span keys, run on the raw document so they are reported even when other
+    fields are invalid too (pydantic skips a model's own validators once a field failed)."""
+    problems: list[str] = []
+    databases = data.get("databases")
+    if not isinstance(databases, Mapping):
+        return problems
+    for db, conf in databases.items():
+        path = f"databases.{db}"
+        if not isinstance(db, str) or not DATABASE_NAME.match(db):
+            problems.append(f"{path}: database name must start with a-z and use a-z 0-9 _$()+-")
+        if not isinstance(conf, Mapping):
+            conf = {}
+        if not conf.get("upstream") and not data.get("upstream") and not data.get("demo_upstream"):
+            problems.append(f"upstream: required (database {db} has no upstream of its own)")
+        oidc = conf.get("oidc")
+        if not isinstance(oidc, Mapping):
+            continue
+        providers = oidc.get("providers")
+        names = list(providers) if isinstance(providers, Mapping) else []
+        for name in names:
+            if not isinstance(name, str) or not PROVIDER_NAME.match(name):
+                problems.append(
+                    f"{path}.oidc.providers.{name}: provider names may contain only letters, "
+                    "digits, '.' and '-' (no '_')"
+                )
+        default = oidc.get("default_provider")
+        if default is not None and default not in names:
+            problems.append(f"{path}.oidc.default_provider: {default!r} is not in providers")
+    return problems
+
+
 def parse_settings(data: Any) -> Settings:
     """Validate a parsed YAML document; raises ConfigError listing every problem."""
     if not isinstance(data, Mapping):
         raise ConfigError(["(top level): must be a mapping"])
+    problems = []
+    settings = None
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_messages(exc)) from None
+        problems = _messages(exc)
+    problems += cross_checks(data)
+    if problems or settings is None:
+        raise ConfigError(problems)
+    return settings
 
 
 def load_settings(path: str | os.PathLike[str]) -> Settings:
