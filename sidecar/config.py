@@ -268,7 +268,9 @@ class Settings(Model):
     admin_interface: str = "127.0.0.1:4985"
     upstream: str | None = None
     public_url: str | None = None  # e.g. https://sync.example.com, used for callback URLs
-    session_store: str | None = None  # redis://, rediss://, redis+sentinel://, redis+cluster://
+    # redis://, rediss://, unix://, redis+sentinel://, redis+cluster://; a Secret because the
+    # URL may carry a password ({env: ...} or {file: ...} keep it out of the ConfigMap).
+    session_store: Secret | None = None
     databases: dict[str, DatabaseConfig] = Field(min_length=1)
     identity_headers: IdentityHeaders = IdentityHeaders()
     couchdb_proxy_auth: CouchDBProxyAuth = CouchDBProxyAuth()
@@ -295,10 +297,10 @@ class Settings(Model):
 
     @field_validator("session_store")
     @classmethod
-    def _store(cls, value: str | None) -> str | None:
+    def _store(cls, value: Secret | None) -> Secret | None:
         if value is None:
             return value
-        scheme = urlsplit(value).scheme
+        scheme = urlsplit(value.get()).scheme
         allowed = (
             "redis",
             "rediss",
@@ -308,7 +310,7 @@ class Settings(Model):
             "redis+cluster",
             "rediss+cluster",
         )
-        if scheme not in allowed:
+        if scheme not in allowed:  # the URL itself is not echoed: it may hold a password
             raise ValueError(f"must be a Redis URL ({', '.join(s + '://' for s in allowed)})")
         return value
 
