@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
-from email.utils import formatdate
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -41,6 +41,15 @@ async def _json(request: web.Request) -> dict[str, Any]:
     return body
 
 
+def rfc3339(timestamp: float) -> str:
+    """A time as Sync Gateway's admin API writes one (Go's time.Time in JSON: RFC 3339), e.g.
+    `2026-11-24T09:17:12.5Z`; clients parse `expires` with an ISO 8601 parser."""
+    text = datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="microseconds")
+    whole, _, fraction = text.removesuffix("+00:00").partition(".")
+    fraction = fraction.rstrip("0")  # as Go's RFC3339Nano: no trailing zeros
+    return f"{whole}.{fraction}Z" if fraction else f"{whole}Z"
+
+
 def _strings(body: dict[str, Any], key: str) -> tuple[str, ...]:
     value = body.get(key, [])
     if value is None:
@@ -62,9 +71,7 @@ def user_json(user: User) -> dict[str, Any]:
         "jwt_issuer": user.jwt_issuer,
         "jwt_roles": list(user.jwt_roles),
         "jwt_channels": list(user.jwt_channels),
-        "jwt_last_updated": (
-            formatdate(user.jwt_last_updated, usegmt=True) if user.jwt_last_updated else None
-        ),
+        "jwt_last_updated": rfc3339(user.jwt_last_updated) if user.jwt_last_updated else None,
     }
 
 
@@ -72,11 +79,11 @@ async def put_user(request: web.Request) -> web.Response:
     db, store = _db(request)
     name = request.match_info["name"]
     body = await _json(request)
+    if "password" in body:  # checked first: it would otherwise read as an unknown field
+        raise BadRequest("passwords are not supported: users log in with OpenID Connect")
     unknown = set(body) - USER_FIELDS - READ_ONLY
     if unknown:
         raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
-    if "password" in body:
-        raise BadRequest("passwords are not supported: users log in with OpenID Connect")
     if body.get("name", name) != name:
         raise BadRequest("name in body does not match the URL")
     email = body.get("email")
@@ -137,7 +144,7 @@ async def delete_user_sessions(request: web.Request) -> web.Response:
 def session_json(session: Session, db: Database) -> dict[str, Any]:
     return {
         "name": session.name,
-        "expires": formatdate(session.expires, usegmt=True),
+        "expires": rfc3339(session.expires),
         "ttl": session.ttl,
         "cookie_name": db.cookie_name,
         "provider": session.provider,
@@ -164,7 +171,7 @@ async def post_session(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "session_id": session_id,
-            "expires": formatdate(session.expires, usegmt=True),
+            "expires": rfc3339(session.expires),
             "cookie_name": db.cookie_name,
         }
     )

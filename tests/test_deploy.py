@@ -351,7 +351,10 @@ def test_sidecar_upstream_is_sync_gateway_on_loopback(
 def test_session_store_is_the_redis_service(rendered: list[Resource], tmp_path: Path) -> None:
     settings = sidecar_settings(rendered, tmp_path)
     service = find(rendered, "Service", "redis")
-    assert settings.session_store == f"redis://redis:{service['spec']['ports'][0]['port']}/0"
+    assert (
+        settings.session_store is not None
+        and settings.session_store.get() == f"redis://redis:{service['spec']['ports'][0]['port']}/0"
+    )
 
 
 # ------------------------------------------------------------------ Service and probes

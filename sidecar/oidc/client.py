@@ -51,6 +51,8 @@ def new_login(provider: str, redirect_uri: str, *, offline: bool) -> LoginReques
 
 
 def authorization_url(meta: ProviderMetadata, config: ProviderConfig, login: LoginRequest) -> str:
+    if not meta.authorization_endpoint:  # optional in discovery, required for this flow
+        raise ProviderError("provider metadata has no authorization_endpoint")
     extra: dict[str, str] = {
         "nonce": login.nonce,
         "code_challenge": create_s256_code_challenge(login.code_verifier),
@@ -109,12 +111,15 @@ async def token_request(
         async with http.post(
             meta.token_endpoint, data=body, headers=headers, allow_redirects=False
         ) as resp:
-            raw = await resp.content.read(MAX_TOKEN_RESPONSE + 1)
             status = resp.status
+            # read(n) returns what has arrived, not n bytes: read to the end, bounded.
+            raw = bytearray()
+            async for chunk in resp.content.iter_chunked(64 * 1024):
+                raw += chunk
+                if len(raw) > MAX_TOKEN_RESPONSE:
+                    raise ProviderError("token endpoint answer too large")
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise ProviderError(f"token endpoint unreachable: {type(exc).__name__}") from None
-    if len(raw) > MAX_TOKEN_RESPONSE:
-        raise ProviderError("token endpoint answer too large")
     try:
         data = json.loads(raw)
     except ValueError:

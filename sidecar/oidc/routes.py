@@ -85,11 +85,12 @@ async def _start_login(request: web.Request) -> tuple[str, Database]:
         callback_url(request, db, provider, registry.default.name if registry.default else None),
         offline=_param(request, "offline") == "true",
     )
+    url = authorization_url(meta, provider.config, login)  # may raise: nothing stored yet
     store = request.app[keys.STORE]
     await store.put_record(
         "login", _digest(login.state), asdict(login) | {"db": db.name}, STATE_TTL
     )
-    return authorization_url(meta, provider.config, login), db
+    return url, db
 
 
 def _set_state_cookie(
