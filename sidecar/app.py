@@ -30,6 +30,7 @@ from sidecar.oidc.provider import ProviderRegistry
 from sidecar.oidc.test_provider import TestProvider
 from sidecar.proxy import Forwarder, make_client_session, target_url
 from sidecar.sessions import routes as session_routes
+from sidecar.sessions.cookies import add_session_cookie_header
 from sidecar.sessions.store import StoreUnavailable, create_store, hash_session_id
 from sidecar.websockets import WebSocketRegistry
 
@@ -86,11 +87,20 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     return response
 
 
-async def add_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """Every answer, streamed ones included, carries the request id it was logged under."""
+async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    """Headers every answer gets, streamed ones included: the request id it was logged under,
+    and the session cookie again when the session's idle expiry was just extended."""
     rid = request.get(keys.REQUEST_ID)
     if rid is not None:
         response.headers["X-Request-ID"] = rid
+    identity = request.get(keys.IDENTITY)
+    if identity is not None and identity.session_expires is not None and identity.session_id:
+        db = request.app[keys.DATABASES].get(request[keys.DB_NAME])
+        if db.cookie_name in response.cookies:  # the handler set a cookie of its own (new session)
+            return
+        add_session_cookie_header(
+            request, response, db, identity.session_id, identity.session_expires
+        )
 
 
 def _metrics(request: web.Request) -> Metrics:
@@ -216,7 +226,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
         ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies
     )
     app.cleanup_ctx.append(_resources)
-    app.on_response_prepare.append(add_request_id)
+    app.on_response_prepare.append(on_prepare)
 
     router = app.router
     router.add_get("/_health", live)
@@ -308,7 +318,7 @@ def create_admin_app(public: web.Application) -> web.Application:
     """The admin listener: health, metrics and (with the login flow) the user/session API."""
     admin = web.Application(middlewares=[observe], client_max_size=1024**2)
     admin[keys.PUBLIC_APP] = public
-    admin.on_response_prepare.append(add_request_id)
+    admin.on_response_prepare.append(on_prepare)
     admin.router.add_get("/_health", live)
     admin.router.add_get("/_ready", ready)
     admin.router.add_get("/_metrics", metrics_handler)

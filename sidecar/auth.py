@@ -30,6 +30,8 @@ log = logging.getLogger("sidecar.auth")
 # RFC 6750 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 MAX_AUTHORIZATION = 16 * 1024
+# A session whose expiry moved less than this long ago gets its cookie sent again.
+COOKIE_REFRESH_WINDOW = 2.0
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -90,10 +92,14 @@ async def identity_from_session(app: web.Application, db: Database, session_id: 
     if not is_well_formed_session_id(session_id):
         raise Unauthorized("Session Invalid")
     store = app[keys.STORE]
-    session = await store.get_session(db.name, session_id, time.time())
+    now = time.time()
+    session = await store.get_session(db.name, session_id, now)
     if session is None:
         raise Unauthorized("Session Invalid")
-    return session.to_identity(session_id)
+    identity = session.to_identity(session_id)
+    if now - (session.expires - session.ttl) < COOKIE_REFRESH_WINDOW:
+        identity = replace(identity, session_expires=session.expires)
+    return identity
 
 
 async def identity_from_bearer(app: web.Application, db: Database, token: str) -> Identity:

@@ -15,3 +15,6 @@ class Identity:
     via: Literal["session", "bearer"] = "session"
     session_id: str | None = None  # the session's public id when via == "session"
     provider: str | None = None
+    # Set when the session's expiry just moved (created or extended): the answer re-sends the
+    # cookie with the new Expires, as Sync Gateway does, so browsers keep it.
+    session_expires: float | None = None

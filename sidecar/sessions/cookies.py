@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from email.utils import formatdate
+from http.cookies import SimpleCookie
 
 from aiohttp import web
 
@@ -31,6 +32,26 @@ def set_session_cookie(
         secure=secure_cookies(request),
         samesite="Lax",
     )
+
+
+def add_session_cookie_header(
+    request: web.Request,
+    response: web.StreamResponse,
+    db: Database,
+    session_id: str,
+    expires: float,
+) -> None:
+    """The same cookie as a header: for `on_response_prepare`, which aiohttp calls after it
+    has already turned `response.cookies` into headers."""
+    jar: SimpleCookie = SimpleCookie()
+    jar[db.cookie_name] = session_id
+    morsel = jar[db.cookie_name]
+    morsel["path"] = f"/{db.name}"
+    morsel["expires"] = formatdate(expires, usegmt=True)
+    morsel["httponly"] = True
+    morsel["secure"] = secure_cookies(request)
+    morsel["samesite"] = "Lax"
+    response.headers.add("Set-Cookie", morsel.OutputString())
 
 
 def expire_session_cookie(request: web.Request, response: web.StreamResponse, db: Database) -> None:
