@@ -38,7 +38,7 @@ MAX_DOCUMENT_BYTES = 1024 * 1024
 MIN_REFRESH_SECONDS = 60.0
 MAX_REFRESH_SECONDS = 24 * 3600.0
 DEFAULT_REFRESH_SECONDS = 3600.0
-INITIAL_BACKOFF_SECONDS = 1.0
+INITIAL_BACKOFF_SECONDS = 0.25  # a provider served by this very process answers once it listens
 MAX_BACKOFF_SECONDS = 60.0
 WELL_KNOWN = "/.well-known/openid-configuration"
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*\"?(\d+)\"?\s*(?:,|$)", re.IGNORECASE)
@@ -168,7 +168,7 @@ class Provider:
         clock: Callable[[], float] = time.time,
         timeout: float = 10.0,
         min_jwks_refresh_interval: float = 30.0,
-        failure_cooldown: float = 2.0,
+        failure_cooldown: float = 1.0,
         cache: VerifiedTokenCache | None = None,
         on_fetch: FetchObserver | None = None,
     ) -> None:
