@@ -191,10 +191,28 @@ class OIDCConfig(Model):
         return None
 
 
+class SyncGatewayBridge(Model):
+    """Make Couchbase Sync Gateway see the user: it reads no identity headers, so the sidecar
+    keeps the user in Sync Gateway (admin API) and sends a Sync Gateway session upstream."""
+
+    admin_url: str  # Sync Gateway's admin API, on loopback in the pod, e.g. http://127.0.0.1:4988
+    database: str | None = None  # Sync Gateway's database name; default: the sidecar's
+    username: str | None = None  # admin API credentials (Sync Gateway 3 RBAC)
+    password: Secret | None = None
+    session_ttl: int = Field(default=3600, ge=300, le=7 * 86400)
+    sync_user: bool = True  # keep email, admin_channels and admin_roles in step with the identity
+
+    @field_validator("admin_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _http_url(value, what="admin_url")
+
+
 class DatabaseConfig(Model):
     upstream: str | None = None  # overrides the global upstream for this database
     session_cookie_name: str = "SyncGatewaySession"
     oidc: OIDCConfig | None = None
+    sync_gateway: SyncGatewayBridge | None = None
 
     @field_validator("upstream")
     @classmethod
