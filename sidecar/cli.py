@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 
 from aiohttp import web
@@ -77,16 +78,41 @@ def _run_workers(args: argparse.Namespace, settings: Settings) -> int:
         )
         return 2
     cmd = [sys.executable, "-m", "sidecar", "run", "--config", args.config, "--reuse-port"]
-    children = [subprocess.Popen(cmd) for _ in range(args.workers)]  # noqa: S603
+    children: list[subprocess.Popen[bytes]] = []
+    stopping = False
 
     def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
         for child in children:
-            child.send_signal(signum)
+            if child.poll() is None:
+                child.send_signal(signum)
 
+    # Handlers first: a SIGTERM during the spawn must not orphan the workers started so far.
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    codes = [child.wait() for child in children]
-    return max(codes, default=0)
+    children.extend(subprocess.Popen(cmd) for _ in range(args.workers))  # noqa: S603
+    while not stopping and all(child.poll() is None for child in children):
+        time.sleep(0.2)
+    died = not stopping
+    if died:
+        # A worker exited on its own (crash, OOM kill): stop the others and fail, so the
+        # orchestrator restarts the whole set rather than keep a silently degraded one.
+        log.error("a worker exited unexpectedly; stopping the others")
+        forward(signal.SIGTERM, None)
+    codes = [_exit_code(child.wait()) for child in children]
+    return max(codes, default=0) or (1 if died else 0)
+
+
+def _exit_code(returncode: int) -> int:
+    """A worker's exit status as the supervisor reports it.
+
+    Killed by SIGTERM/SIGINT means it stopped as told (one still starting has no handler yet);
+    killed by another signal reports 128 + signum, as a shell would.
+    """
+    if returncode in (-signal.SIGTERM, -signal.SIGINT):
+        return 0
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def _load(path: str) -> Settings | None:

@@ -8,6 +8,7 @@ import sys
 import time
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # Attributes every LogRecord has; anything else was passed with `extra=` and goes into the JSON.
@@ -64,6 +65,33 @@ class TextFormatter(logging.Formatter):
         return base + ("  " + " ".join(f"{k}={v}" for k, v in extra.items()) if extra else "")
 
 
+class MalformedRequestFilter(logging.Filter):
+    """Replaces aiohttp's log of a request its parser refused with a line of our own.
+
+    aiohttp logs it as an ERROR with a traceback whose message quotes the offending bytes:
+    for an oversized Cookie or Authorization header, the start of that header, i.e. a session
+    id or a token. Security: log the fact, never the bytes; at info, as the client's error.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        args = record.args if isinstance(record.args, tuple) else ()
+        logging.getLogger("sidecar.access").info(
+            "malformed request rejected",
+            extra={
+                "status": exc.code,
+                "error": type(exc).__name__,
+                "remote": args[0] if args else None,
+            },
+        )
+        return False
+
+
+_MALFORMED_REQUESTS = MalformedRequestFilter()
+
+
 def setup_logging(fmt: str = "json", level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
@@ -71,6 +99,7 @@ def setup_logging(fmt: str = "json", level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").disabled = True  # we log one line per request ourselves
+    logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)
 
 
 class Metrics:

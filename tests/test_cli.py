@@ -1,0 +1,489 @@
+"""The `sidecar` command: check-config on good and broken files (every problem, with its YAML
+path, exit 2), and `sidecar run` as a real process: serving, draining on SIGTERM, workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import AbstractContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import WSMsgType, web
+from conftest import admin_session, raw_http
+from support.redis_server import RedisServer, free_port
+from support.sidecar import ROOT, Upstream, base_config, sidecar_process
+
+from sidecar.cli import main, split_listen
+
+COOKIE = "SyncGatewaySession"
+SECRET_ENV = "SIDECAR_TEST_CLI_SECRET"
+UNSET_ENV = "SIDECAR_TEST_CLI_NEVER_SET"
+
+GOOD = """\
+interface: "127.0.0.1:4984"
+upstream: http://127.0.0.1:4986
+databases:
+  db:
+    oidc:
+      providers:
+        google:
+          issuer: https://accounts.google.com
+          client_id: sync-gateway
+          validation_key: {env: SIDECAR_TEST_CLI_SECRET}
+          register: true
+  other:
+    upstream: http://127.0.0.1:5984
+    session_cookie_name: OtherSession
+"""
+
+PROVIDER = "databases.db.oidc.providers.op"
+
+
+def provider_yaml(**fields: Any) -> str:
+    block = {"issuer": "https://op.example.com", "client_id": "c", **fields}
+    doc = {
+        "upstream": "http://u.example",
+        "databases": {"db": {"oidc": {"providers": {"op": block}}}},
+    }
+    return yaml.safe_dump(doc)
+
+
+# (id, YAML text, lines expected on stderr: each starts with the YAML path of the problem)
+BROKEN: list[tuple[str, str, list[str]]] = [
+    ("unknown-top-level-key", GOOD + "intreface: ':4984'\n", ["intreface: unknown key"]),
+    ("unknown-provider-key", provider_yaml(regster=True), [f"{PROVIDER}.regster: unknown key"]),
+    ("unknown-nested-key", GOOD + "session:\n  tll: 60\n", ["session.tll: unknown key"]),
+    ("bad-upstream-url", "upstream: ftp://x\ndatabases: {db: {}}\n", ["upstream: "]),
+    ("upstream-without-host", "upstream: 'http://'\ndatabases: {db: {}}\n", ["upstream: "]),
+    ("bad-db-upstream", "databases: {db: {upstream: 'not a url'}}\n", ["databases.db.upstream: "]),
+    ("bad-issuer", provider_yaml(issuer="accounts.google.com"), [f"{PROVIDER}.issuer: "]),
+    (
+        "bad-discovery-url",
+        provider_yaml(discovery_url="file:///etc/passwd"),
+        [f"{PROVIDER}.discovery_url: "],
+    ),
+    ("missing-client-id", provider_yaml(client_id=None), [f"{PROVIDER}.client_id: "]),
+    (
+        "secret-from-missing-env",
+        provider_yaml(validation_key={"env": UNSET_ENV}),
+        [f"{PROVIDER}.validation_key: environment variable {UNSET_ENV} is not set or empty"],
+    ),
+    (
+        "secret-from-missing-file",
+        provider_yaml(validation_key={"file": "/nonexistent/secret"}),
+        [f"{PROVIDER}.validation_key: cannot read secret file /nonexistent/secret"],
+    ),
+    (
+        "secret-empty",
+        provider_yaml(validation_key=""),
+        [f"{PROVIDER}.validation_key: must not be empty"],
+    ),
+    (
+        "secret-bad-shape",
+        provider_yaml(validation_key={"vault": "x"}),
+        [f"{PROVIDER}.validation_key: must be"],
+    ),
+    (
+        "provider-name-with-underscore",
+        "upstream: http://u\ndatabases: {db: {oidc: {providers: {my_op: {issuer: 'http://o', client_id: c}}}}}\n",
+        ["databases.db.oidc.providers.my_op: provider names may contain only"],
+    ),
+    (
+        "default-provider-unknown",
+        "upstream: http://u\ndatabases: {db: {oidc: {default_provider: nope, providers: {op: {issuer: 'http://o', client_id: c}}}}}\n",
+        ["databases.db.oidc.default_provider: 'nope' is not in providers"],
+    ),
+    (
+        "no-providers",
+        "upstream: http://u\ndatabases: {db: {oidc: {providers: {}}}}\n",
+        ["databases.db.oidc.providers: "],
+    ),
+    (
+        "unsigned-tokens",
+        provider_yaml(allow_unsigned_provider_tokens=True),
+        [f"{PROVIDER}.allow_unsigned_provider_tokens: "],
+    ),
+    (
+        "hmac-algorithm",
+        provider_yaml(allowed_algorithms=["HS256"]),
+        [f"{PROVIDER}.allowed_algorithms: "],
+    ),
+    (
+        "database-name-uppercase",
+        "upstream: http://u\ndatabases: {Db: {}}\n",
+        ["databases.Db: database name"],
+    ),
+    ("no-databases", "upstream: http://u\ndatabases: {}\n", ["databases: "]),
+    ("no-upstream", "databases: {db: {}}\n", ["upstream: required"]),
+    (
+        "bad-interface",
+        GOOD + "admin_interface: '4985'\n",
+        ["admin_interface: must be host:port or :port"],
+    ),
+    ("port-out-of-range", GOOD.replace("4984", "65536"), ["interface: must be host:port or :port"]),
+    (
+        "session-store-not-redis",
+        GOOD + "session_store: http://r\n",
+        ["session_store: must be a Redis URL"],
+    ),
+    (
+        "bad-trusted-proxy",
+        GOOD + "trusted_proxies: [10.0.0.0/33]\n",
+        ["trusted_proxies: '10.0.0.0/33'"],
+    ),
+    (
+        "bad-cookie-name",
+        GOOD.replace("OtherSession", "'Other Session'"),
+        ["databases.other.session_cookie_name: "],
+    ),
+    ("ttl-too-short", GOOD + "session: {ttl: 5}\n", ["session.ttl: "]),
+    ("log-level", GOOD + "logging: {level: trace}\n", ["logging.level: "]),
+    ("not-a-mapping", "- a\n- b\n", ["(top level): must be a mapping"]),
+    ("empty-file", "", ["(top level): must be a mapping"]),
+    ("yaml-syntax", "databases: [\n", ["not valid YAML"]),
+    (
+        "every-problem-at-once",
+        "upstream: ftp://x\nintreface: 1\ndatabases:\n  Db: {}\n  db:\n    oidc:\n      default_provider: x\n"
+        "      providers:\n        my_op: {issuer: nope, client_id: c, validation_key: {env: "
+        + UNSET_ENV
+        + "}}\n",
+        [
+            "upstream: ",
+            "intreface: unknown key",
+            "databases.Db: database name",
+            "databases.db.oidc.providers.my_op.issuer: ",
+            f"databases.db.oidc.providers.my_op.validation_key: environment variable {UNSET_ENV}",
+            "databases.db.oidc.providers.my_op: provider names",
+            "databases.db.oidc.default_provider: 'x' is not in providers",
+        ],
+    ),
+]
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SECRET_ENV, "s3cret-value")
+    monkeypatch.delenv(UNSET_ENV, raising=False)
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_check_config_good(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = write(tmp_path, GOOD)
+    assert main(["check-config", path]) == 0
+    out, err = capsys.readouterr()
+    assert (out, err) == (f"{path}: ok (2 database(s))\n", "")
+    assert "s3cret-value" not in out
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [pytest.param(text, expected, id=name) for name, text, expected in BROKEN],
+)
+def test_check_config_broken(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, expected: list[str]
+) -> None:
+    path = write(tmp_path, text)
+    assert main(["check-config", path]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    problems = [
+        line.removeprefix("config error: ")
+        for line in err.splitlines()
+        if line.startswith("config error: ")
+    ]
+    for start in expected:
+        assert any(p.startswith(start) or p.startswith(f"{path}: {start}") for p in problems), (
+            start,
+            problems,
+        )
+    if len(expected) > 1:  # validation collected them all; none hides another
+        assert len(problems) >= len(expected)
+
+
+def test_check_config_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(tmp_path / "absent.yaml")
+    assert main(["check-config", path]) == 2
+    assert (
+        capsys.readouterr().err == f"config error: {path}: cannot read: No such file or directory\n"
+    )
+
+
+def test_secrets_never_reach_the_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    text = (
+        provider_yaml(validation_key="inline-secret-value", client_id="")
+        + "session_store: http://user:pw-secret@r\n"
+    )
+    assert main(["check-config", write(tmp_path, text)]) == 2
+    out, err = capsys.readouterr()
+    assert "inline-secret-value" not in out + err
+    assert "pw-secret" not in out + err
+
+
+def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_the_command_exits_with_the_codes(tmp_path: Path) -> None:
+    good = run_cli("check-config", write(tmp_path, GOOD))
+    assert (good.returncode, good.stderr) == (0, "")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("databases: {db: {}}\nbogus: 1\n")
+    result = run_cli("run", "--config", str(bad))
+    assert result.returncode == 2
+    assert "config error: bogus: unknown key" in result.stderr
+    assert "config error: upstream: required" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (":4984", (None, 4984)),
+        ("127.0.0.1:80", ("127.0.0.1", 80)),
+        ("0.0.0.0:4984", ("0.0.0.0", 4984)),
+        ("[::1]:4985", ("::1", 4985)),
+        ("localhost:1", ("localhost", 1)),
+    ],
+)
+def test_split_listen(value: str, expected: tuple[str | None, int]) -> None:
+    assert split_listen(value) == expected
+
+
+# --------------------------------------------------------------------------- `sidecar run`
+
+
+@asynccontextmanager
+async def process(config: dict[str, Any], *, workers: int = 1) -> Any:
+    """`sidecar run` as a process, entered off the event loop (its readiness wait is blocking)."""
+    manager: AbstractContextManager[subprocess.Popen[bytes]] = sidecar_process(
+        config, workers=workers
+    )
+    proc = await asyncio.to_thread(manager.__enter__)
+    try:
+        yield proc
+    finally:
+        await asyncio.to_thread(manager.__exit__, None, None, None)
+
+
+@asynccontextmanager
+async def slow_upstream(arrived: asyncio.Event) -> Any:
+    """Answers after 1.5 s; `arrived` is set when a request reaches it."""
+
+    async def slow(request: web.Request) -> web.Response:
+        arrived.set()
+        await asyncio.sleep(1.5)
+        return web.json_response({"slow": True})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", slow)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    return await asyncio.to_thread(proc.wait, timeout)
+
+
+async def test_run_serves_then_drains_on_sigterm(upstream: Upstream) -> None:
+    arrived = asyncio.Event()
+    async with slow_upstream(arrived) as slow:
+        port, admin_port = free_port(), free_port()
+        config = base_config(
+            port,
+            admin_port,
+            upstream=upstream.url,
+            databases={"db": {}, "slow": {"upstream": slow}},
+            shutdown_grace_seconds=5,
+            logging={"format": "json", "level": "info"},
+        )
+        async with process(config) as proc:
+            base, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
+            session = await admin_session(admin, "db", "carol")
+            slow_session = await admin_session(admin, "slow", "carol")
+            async with aiohttp.ClientSession() as http:
+                async with http.get(
+                    base + "/db/doc", headers={"Cookie": f"{COOKIE}={session}"}
+                ) as r:
+                    assert r.status == 200
+                    assert (await r.json())["path"] == "/db/doc"
+                ws = await http.ws_connect(
+                    base + "/db/_ws", headers={"Cookie": f"{COOKIE}={session}"}
+                )
+                in_flight = asyncio.ensure_future(
+                    raw_http(port, "/slow/doc", headers=[("Cookie", f"{COOKIE}={slow_session}")])
+                )
+                await asyncio.wait_for(arrived.wait(), 5)  # in flight at the upstream now
+
+                started = time.monotonic()
+                proc.send_signal(signal.SIGTERM)
+                msg = await ws.receive(timeout=5)
+                assert (msg.type, msg.data) == (WSMsgType.CLOSE, 1001)  # going away
+                await ws.close()
+                async with http.get(admin + "/_ready") as r:  # draining, until the end
+                    assert r.status == 503
+                    assert (await r.json())["draining"] is True
+                with pytest.raises(aiohttp.ClientConnectionError):  # no new connections
+                    async with http.get(base + "/_health"):
+                        pass
+                answer = await in_flight  # the in-flight request finished inside the grace
+                assert answer.status == 200
+                assert answer.json() == {"slow": True}
+            assert await wait_exit(proc, 10) == 0
+            assert time.monotonic() - started < 5
+            assert proc.stderr is not None
+            logs = proc.stderr.read().decode()
+    events = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    assert [e["msg"] for e in events if e["logger"] == "sidecar"][-2:] == [
+        "shutting down",
+        "stopped",
+    ]
+
+
+async def test_malformed_requests_never_log_their_bytes(upstream: Upstream) -> None:
+    """An oversized Cookie header is refused by aiohttp's parser, whose error message quotes
+    the header's start: the session id must not end up in the log."""
+    port, admin_port = free_port(), free_port()
+    config = base_config(
+        port,
+        admin_port,
+        upstream=upstream.url,
+        databases={"db": {}},
+        logging={"format": "json", "level": "debug"},
+    )
+    async with process(config) as proc:
+        session = await admin_session(f"http://127.0.0.1:{admin_port}", "db", "carol")
+        cookie = f"{COOKIE}={session}; filler={'x' * 9000}"
+        answer = await raw_http(port, "/db/doc", headers=[("Cookie", cookie)])
+        assert answer.status == 400
+        proc.send_signal(signal.SIGTERM)
+        assert await wait_exit(proc, 10) == 0
+        assert proc.stderr is not None
+        logs = proc.stderr.read().decode()
+    assert session not in logs
+    events = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    rejected = [e for e in events if e["msg"] == "malformed request rejected"]
+    assert len(rejected) == 1
+    assert rejected[0]["status"] == 400
+    assert upstream.requests == []
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()]
+
+
+def listening(pid: int, port: int) -> bool:
+    """Does process `pid` hold a socket listening on 127.0.0.1:`port`? (/proc, Linux)"""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state, inode = fields[1], fields[3], fields[9]
+        if state == "0A" and local == f"0100007F:{port:04X}" and inode in inodes:
+            return True
+    return False
+
+
+async def all_listening(pids: list[int], port: int) -> None:
+    async with asyncio.timeout(15):
+        while not all(listening(pid, port) for pid in pids):
+            await asyncio.sleep(0.05)
+
+
+async def test_workers_share_one_port(
+    upstream: Upstream, redis_server_session: RedisServer
+) -> None:
+    port, admin_port = free_port(), free_port()
+    config = base_config(
+        port,
+        admin_port,
+        upstream=upstream.url,
+        session_store=redis_server_session.url,
+        databases={"workers": {}},
+    )
+    async with process(config, workers=2) as proc:
+        workers = children(proc.pid)
+        assert len(workers) == 2
+        await all_listening(workers, port)  # two processes, one port (SO_REUSEPORT)
+        admin = f"http://127.0.0.1:{admin_port}"
+        for i in range(6):  # each on a fresh connection: any worker may take it
+            session = await admin_session(admin, "workers", f"w{i}-{os.getpid()}")
+            async with aiohttp.ClientSession() as http:
+                async with http.get(
+                    f"http://127.0.0.1:{port}/workers/doc",
+                    headers={"Cookie": f"{COOKIE}={session}"},
+                ) as r:
+                    assert r.status == 200
+        proc.send_signal(signal.SIGTERM)  # the supervisor forwards it to every worker
+        assert await wait_exit(proc, 15) == 0
+        for pid in workers:
+            assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
+    assert len(upstream.requests) == 6
+
+
+async def test_a_dying_worker_stops_the_set(
+    upstream: Upstream, redis_server_session: RedisServer
+) -> None:
+    """One worker killed (say, by the OOM killer): the supervisor stops the other and exits
+    non-zero, so the orchestrator restarts the pod instead of running it half-dead."""
+    port, admin_port = free_port(), free_port()
+    config = base_config(
+        port,
+        admin_port,
+        upstream=upstream.url,
+        session_store=redis_server_session.url,
+        databases={"workers": {}},
+    )
+    async with process(config, workers=2) as proc:
+        first, second = children(proc.pid)
+        await all_listening([first, second], port)
+        os.kill(second, signal.SIGKILL)
+        assert await wait_exit(proc, 15) == 128 + signal.SIGKILL
+        assert not Path(f"/proc/{first}").exists() or _zombie(first)
+        assert proc.stderr is not None
+        assert "a worker exited unexpectedly" in proc.stderr.read().decode()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+def test_workers_need_a_shared_store(tmp_path: Path) -> None:
+    result = run_cli("run", "--config", write(tmp_path, GOOD), "--workers", "2")
+    assert result.returncode == 2
+    assert "--workers > 1 needs session_store" in result.stderr

@@ -1,0 +1,466 @@
+"""The configuration model: defaults, secret forms, listen addresses, provider rules, and
+validation that reports every problem at once, each with its YAML path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import pytest
+
+from sidecar.config import (
+    DEFAULT_SCOPE,
+    ConfigError,
+    Secret,
+    Settings,
+    load_settings,
+    parse_settings,
+)
+
+UPSTREAM = "http://127.0.0.1:4986"
+ENV = "SIDECAR_TEST_CONFIG_SECRET"
+UNSET = "SIDECAR_TEST_CONFIG_UNSET"
+
+
+def doc(**top: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"upstream": UPSTREAM, "databases": {"db": {}}}
+    base.update(top)
+    return base
+
+
+def with_provider(
+    name: str = "op", *, oidc: dict[str, Any] | None = None, **fields: Any
+) -> dict[str, Any]:
+    provider = {"issuer": "https://op.example.com", "client_id": "client", **fields}
+    return doc(databases={"db": {"oidc": {"providers": {name: provider}, **(oidc or {})}}})
+
+
+def problems(data: Any) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(data)
+    return caught.value.problems
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV, "from-the-environment")
+    monkeypatch.delenv(UNSET, raising=False)
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def minimal() -> Settings:
+    return parse_settings(with_provider())
+
+
+@pytest.mark.parametrize(
+    ("read", "expected"),
+    [
+        (lambda s: s.interface, ":4984"),
+        (lambda s: s.admin_interface, "127.0.0.1:4985"),  # admin stays private by default
+        (lambda s: s.session_store, None),
+        (lambda s: s.public_url, None),
+        (lambda s: s.pass_authorization, False),
+        (lambda s: s.trusted_proxies, ()),
+        (lambda s: s.clock_skew_seconds, 60),
+        (lambda s: s.session.ttl, 86400),
+        (lambda s: s.session.cookie_secure, "auto"),
+        (lambda s: s.timeouts.upstream_read, 300.0),
+        (lambda s: s.shutdown_grace_seconds, 25.0),
+        (lambda s: s.max_body_bytes, None),
+        (lambda s: s.unsupported.oidc_test_provider.enabled, False),
+        (lambda s: s.couchdb_proxy_auth.enabled, False),
+        (lambda s: s.logging.format, "json"),
+        (lambda s: s.identity_headers.user, "X-Forwarded-User"),
+        (lambda s: s.identity_headers.email, "X-Forwarded-Email"),
+        (lambda s: s.identity_headers.roles, "X-Forwarded-Roles"),
+        (lambda s: s.identity_headers.channels, "X-Forwarded-Channels"),
+        (lambda s: s.databases["db"].session_cookie_name, "SyncGatewaySession"),
+        (lambda s: s.databases["db"].upstream, None),
+        (lambda s: s.upstream_for("db"), UPSTREAM),
+    ],
+)
+def test_settings_defaults(read: Any, expected: Any) -> None:
+    assert read(minimal()) == expected
+
+
+@pytest.mark.parametrize(
+    ("field", "expected"),
+    [
+        ("register_user", False),
+        ("user_prefix", None),
+        ("username_claim", None),
+        ("roles_claim", None),
+        ("channels_claim", None),
+        ("validation_key", None),
+        ("callback_url", None),
+        ("disable_session", False),
+        ("scope", DEFAULT_SCOPE),
+        ("include_access", False),
+        ("discovery_url", None),
+        ("disable_cfg_validation", False),
+        ("disable_callback_state", False),
+        ("allow_unsigned_provider_tokens", False),
+        ("token_endpoint_auth_method", "auto"),
+        ("trusted_audiences", ()),
+        ("allowed_algorithms", None),
+    ],
+)
+def test_provider_defaults(field: str, expected: Any) -> None:
+    provider = minimal().databases["db"].oidc.providers["op"]  # type: ignore[union-attr]
+    assert getattr(provider, field) == expected
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("openid email profile", ("openid", "email", "profile")),
+        (["openid", "profile"], ("openid", "profile")),
+        ("openid", ("openid",)),
+    ],
+)
+def test_scope_forms(given: Any, expected: tuple[str, ...]) -> None:
+    provider = parse_settings(with_provider(scope=given)).databases["db"].oidc.providers["op"]  # type: ignore[union-attr]
+    assert provider.scope == expected
+
+
+def test_register_is_read_from_its_sync_gateway_name() -> None:
+    provider = parse_settings(with_provider(register=True)).databases["db"].oidc.providers["op"]  # type: ignore[union-attr]
+    assert provider.register_user is True
+
+
+def test_database_upstream_overrides_the_global_one() -> None:
+    settings = parse_settings(doc(databases={"db": {}, "couch": {"upstream": "http://c:5984"}}))
+    assert (settings.upstream_for("db"), settings.upstream_for("couch")) == (
+        UPSTREAM,
+        "http://c:5984",
+    )
+    assert (
+        parse_settings({"databases": {"db": {"upstream": UPSTREAM}}}).upstream_for("db") == UPSTREAM
+    )
+
+
+def test_demo_upstream_needs_no_upstream() -> None:
+    assert parse_settings({"demo_upstream": True, "databases": {"db": {}}}).upstream is None
+
+
+def test_settings_are_frozen() -> None:
+    settings = minimal()
+    with pytest.raises(pydantic.ValidationError):
+        settings.pass_authorization = True  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def secret_file(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "secret"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("form", "value"),
+    [
+        ("inline-secret", "inline-secret"),
+        ({"value": "inline-secret"}, "inline-secret"),
+        ({"env": ENV}, "from-the-environment"),
+        ("FILE:from-a-file\n", "from-a-file"),  # a mounted Secret ends with a newline
+    ],
+)
+def test_secret_forms(tmp_path: Path, form: Any, value: str) -> None:
+    if isinstance(form, str) and form.startswith("FILE:"):
+        form = {"file": secret_file(tmp_path, form.removeprefix("FILE:"))}
+    settings = parse_settings(with_provider(validation_key=form))
+    key = settings.databases["db"].oidc.providers["op"].validation_key  # type: ignore[union-attr]
+    assert isinstance(key, Secret)
+    assert key.get() == value
+    # Security: no rendering of the settings shows the value
+    for text in (repr(key), str(key), f"{key}", repr(settings), str(settings.model_dump())):
+        assert value not in text
+    assert "**" in repr(key)
+
+
+@pytest.mark.parametrize(
+    ("form", "message"),
+    [
+        ("", "must not be empty"),
+        ({"value": ""}, "must be a string"),
+        ({"env": UNSET}, f"environment variable {UNSET} is not set or empty"),
+        ({"file": "/nonexistent/secret"}, "cannot read secret file /nonexistent/secret"),
+        ("EMPTY-FILE", "is empty"),
+        ({"env": 7}, "must be a string"),
+        ({"vault": "path"}, "must be a string"),
+        ({"env": ENV, "file": "/x"}, "must be a string"),
+        (["a"], "must be a string"),
+        (42, "must be a string"),
+    ],
+)
+def test_secret_errors(tmp_path: Path, form: Any, message: str) -> None:
+    if form == "EMPTY-FILE":
+        form = {"file": secret_file(tmp_path, "\n")}
+    (problem,) = problems(with_provider(validation_key=form))
+    path, _, text = problem.partition(": ")
+    assert path == "databases.db.oidc.providers.op.validation_key"
+    assert message in text
+
+
+def test_session_store_url_is_a_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    url = "redis://:hunter2@redis:6379/0"
+    settings = parse_settings(doc(session_store=url))
+    assert settings.session_store == Secret(url)
+    assert "hunter2" not in repr(settings)
+    monkeypatch.setenv(ENV, url)
+    assert parse_settings(doc(session_store={"env": ENV})).session_store == Secret(url)
+    # the scheme error does not echo the URL (it may hold a password)
+    assert "hunter2" not in " ".join(problems(doc(session_store="http://:hunter2@r")))
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("redis://127.0.0.1:6379/0", True),
+        ("rediss://r.example:6380", True),
+        ("unix:///run/redis.sock", True),
+        ("redis+sentinel://s1:26379,s2:26379/mymaster/0", True),
+        ("redis+cluster://n1:7000,n2:7000", True),
+        ("http://r", False),
+        ("memcached://m", False),
+        ("127.0.0.1:6379", False),
+    ],
+)
+def test_session_store_schemes(url: str, ok: bool) -> None:
+    if ok:
+        assert parse_settings(doc(session_store=url)).session_store == Secret(url)
+    else:
+        assert [p.partition(":")[0] for p in problems(doc(session_store=url))] == ["session_store"]
+
+
+# --------------------------------------------------------------------------- listen addresses
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        (":4984", True),
+        ("127.0.0.1:4984", True),
+        ("0.0.0.0:1", True),
+        ("[::1]:65535", True),
+        ("localhost:8080", True),
+        ("4984", False),
+        ("127.0.0.1:", False),
+        ("127.0.0.1:0", False),
+        ("127.0.0.1:65536", False),
+        ("127.0.0.1:http", False),
+        ("127.0.0.1:-1", False),
+        ("", False),
+    ],
+)
+def test_listen_addresses(value: str, ok: bool) -> None:
+    for field in ("interface", "admin_interface"):
+        if ok:
+            assert getattr(parse_settings(doc(**{field: value})), field) == value
+        else:
+            assert problems(doc(**{field: value})) == [f"{field}: must be host:port or :port"]
+
+
+# --------------------------------------------------------------------------- providers
+
+
+@pytest.mark.parametrize(
+    ("names", "default_provider", "expected"),
+    [
+        (["only"], None, "only"),  # the only provider is the default
+        (["only"], "only", "only"),
+        (["a", "b"], None, None),  # several and none named: no default
+        (["a", "b"], "b", "b"),
+    ],
+)
+def test_default_provider(
+    names: list[str], default_provider: str | None, expected: str | None
+) -> None:
+    providers = {n: {"issuer": f"https://{n}.example.com", "client_id": "c"} for n in names}
+    oidc: dict[str, Any] = {"providers": providers}
+    if default_provider is not None:
+        oidc["default_provider"] = default_provider
+    settings = parse_settings(doc(databases={"db": {"oidc": oidc}}))
+    assert settings.databases["db"].oidc.default == expected  # type: ignore[union-attr]
+
+
+def test_default_provider_must_exist() -> None:
+    assert problems(with_provider(oidc={"default_provider": "other"})) == [
+        "databases.db.oidc.default_provider: 'other' is not in providers"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [
+        ("google", True),
+        ("Google2", True),
+        ("auth.example-com", True),
+        ("my_provider", False),  # Sync Gateway: no "_" (it separates the callback's provider)
+        ("_google", False),
+        ("-google", False),
+        (".google", False),
+        ("goo gle", False),
+        ("gööl", False),
+    ],
+)
+def test_provider_names(name: str, ok: bool) -> None:
+    if ok:
+        assert name in parse_settings(with_provider(name)).databases["db"].oidc.providers  # type: ignore[union-attr]
+    else:
+        (problem,) = problems(with_provider(name))
+        assert problem.startswith(f"databases.db.oidc.providers.{name}: provider names")
+
+
+@pytest.mark.parametrize(
+    ("fields", "path"),
+    [
+        ({"issuer": "accounts.google.com"}, "issuer"),
+        ({"issuer": "ftp://op.example.com"}, "issuer"),
+        ({"issuer": ""}, "issuer"),
+        ({"client_id": ""}, "client_id"),
+        ({"client_id": None}, "client_id"),
+        ({"discovery_url": "/relative"}, "discovery_url"),
+        ({"callback_url": "javascript:alert(1)"}, "callback_url"),
+        ({"allow_unsigned_provider_tokens": True}, "allow_unsigned_provider_tokens"),
+        ({"allowed_algorithms": ["HS256"]}, "allowed_algorithms"),
+        ({"allowed_algorithms": ["none"]}, "allowed_algorithms"),
+        ({"allowed_algorithms": []}, "allowed_algorithms"),
+        ({"token_endpoint_auth_method": "private_key_jwt"}, "token_endpoint_auth_method"),
+        ({"register": "sometimes"}, "register"),
+        ({"regster": True}, "regster"),
+    ],
+)
+def test_provider_field_errors(fields: dict[str, Any], path: str) -> None:
+    clean = {k: v for k, v in fields.items() if v is not None}
+    data = with_provider(**clean)
+    if fields.get("client_id", "") is None:
+        del data["databases"]["db"]["oidc"]["providers"]["op"]["client_id"]
+    (problem,) = problems(data)
+    assert problem.startswith(f"databases.db.oidc.providers.op.{path}: ")
+
+
+# --------------------------------------------------------------------------- other fields
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (doc(bogus=1), "bogus: unknown key"),
+        (doc(session={"tll": 1}), "session.tll: unknown key"),
+        (doc(databases={"db": {"cookie": "x"}}), "databases.db.cookie: unknown key"),
+        (doc(identity_headers={"group": "X-G"}), "identity_headers.group: unknown key"),
+        (doc(databases={"Db": {}}), "databases.Db: database name"),
+        (doc(databases={"1db": {}}), "databases.1db: database name"),
+        (doc(databases={}), "databases: "),
+        ({"databases": {"db": {}}}, "upstream: required"),
+        (doc(upstream="ftp://u"), "upstream: "),
+        (doc(public_url="sync.example.com"), "public_url: "),
+        (
+            doc(databases={"db": {"session_cookie_name": "a=b"}}),
+            "databases.db.session_cookie_name: ",
+        ),
+        (
+            doc(databases={"db": {"session_cookie_name": "a b"}}),
+            "databases.db.session_cookie_name: ",
+        ),
+        (doc(identity_headers={"user": "X User"}), "identity_headers.user: "),
+        (doc(identity_headers={"roles": "X-Roles:"}), "identity_headers.roles: "),
+        (doc(trusted_proxies=["10.0.0.0/8", "nope"]), "trusted_proxies: 'nope'"),
+        (doc(clock_skew_seconds=601), "clock_skew_seconds: "),
+        (doc(session={"ttl": 59}), "session.ttl: "),
+        (doc(session={"cookie_secure": "sometimes"}), "session.cookie_secure: "),
+        (doc(timeouts={"upstream_read": 0}), "timeouts.upstream_read: "),
+        (doc(max_body_bytes=-1), "max_body_bytes: "),
+        (doc(logging={"level": "trace"}), "logging.level: "),
+        (
+            doc(unsupported={"oidc_test_provider": {"enable": True}}),
+            "unsupported.oidc_test_provider.enable: unknown key",
+        ),
+    ],
+)
+def test_field_errors_name_their_path(data: dict[str, Any], expected: str) -> None:
+    found = problems(data)
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    data = {
+        "upstream": "ftp://u",
+        "interface": "4984",
+        "bogus": True,
+        "session": {"ttl": 1},
+        "databases": {
+            "Bad": {},
+            "db": {
+                "session_cookie_name": "a b",
+                "oidc": {
+                    "default_provider": "missing",
+                    "providers": {
+                        "my_op": {"issuer": "nope", "validation_key": {"env": UNSET}},
+                    },
+                },
+            },
+        },
+    }
+    found = problems(data)
+    expected = [
+        "upstream: ",
+        "interface: ",
+        "bogus: unknown key",
+        "session.ttl: ",
+        "databases.Bad: database name",
+        "databases.db.session_cookie_name: ",
+        "databases.db.oidc.default_provider: 'missing' is not in providers",
+        "databases.db.oidc.providers.my_op: provider names",
+        "databases.db.oidc.providers.my_op.issuer: ",
+        "databases.db.oidc.providers.my_op.client_id: required",
+        f"databases.db.oidc.providers.my_op.validation_key: environment variable {UNSET}",
+    ]
+    for start in expected:
+        assert sum(p.startswith(start) for p in found) == 1, (start, found)
+    assert len(found) == len(expected), found
+    assert str(ConfigError(found)).count("\n") == len(found)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("- a\n", "(top level): must be a mapping"),
+        ("", "(top level): must be a mapping"),
+        ("just a string\n", "(top level): must be a mapping"),
+        ("databases: [\n", "not valid YAML"),
+    ],
+)
+def test_load_settings_file_errors(tmp_path: Path, text: str, expected: str) -> None:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert expected in caught.value.problems[0]
+
+
+def test_load_settings_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.yaml"
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    assert caught.value.problems == [f"{path}: cannot read: No such file or directory"]
+
+
+def test_load_settings_reads_a_good_file(tmp_path: Path) -> None:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(
+        "upstream: http://127.0.0.1:4986\n"
+        "databases:\n"
+        "  db:\n"
+        "    oidc:\n"
+        "      providers:\n"
+        "        google: {issuer: 'https://accounts.google.com', client_id: c, register: true}\n"
+    )
+    settings = load_settings(path)
+    assert settings.databases["db"].oidc.providers["google"].register_user is True  # type: ignore[union-attr]
