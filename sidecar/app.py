@@ -215,6 +215,12 @@ async def ready(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------- wiring
 
 
+# aiohttp server options for both listeners: ID tokens with large group claims exceed
+# aiohttp's default 8 KiB header line; tokens.py caps the token itself at 16 KiB.
+MAX_FIELD_SIZE = 24 * 1024
+MAX_LINE_SIZE = 16 * 1024
+
+
 def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
     """The public listener's app; its cleanup_ctx owns every shared resource."""
     app = web.Application(middlewares=[observe], client_max_size=1024**2)

@@ -380,7 +380,7 @@ async def test_malformed_requests_never_log_their_bytes(upstream: Upstream) -> N
     )
     async with process(config) as proc:
         session = await admin_session(f"http://127.0.0.1:{admin_port}", "db", "carol")
-        cookie = f"{COOKIE}={session}; filler={'x' * 9000}"
+        cookie = f"{COOKIE}={session}; filler={'x' * 30_000}"
         answer = await raw_http(port, "/db/doc", headers=[("Cookie", cookie)])
         assert answer.status == 400
         proc.send_signal(signal.SIGTERM)

@@ -21,7 +21,7 @@ import aiohttp
 import yaml
 from aiohttp import WSMsgType, web
 
-from sidecar.app import create_admin_app, create_app
+from sidecar.app import MAX_FIELD_SIZE, MAX_LINE_SIZE, create_admin_app, create_app
 from sidecar.config import parse_settings
 from support.redis_server import free_port
 
@@ -102,8 +102,20 @@ async def running_sidecar(config: dict[str, Any]) -> AsyncIterator[Sidecar]:
     settings = parse_settings(config)
     app = create_app(settings)
     admin = create_admin_app(app)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=1)
-    admin_runner = web.AppRunner(admin, access_log=None, shutdown_timeout=1)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        shutdown_timeout=1,
+        max_field_size=MAX_FIELD_SIZE,
+        max_line_size=MAX_LINE_SIZE,
+    )
+    admin_runner = web.AppRunner(
+        admin,
+        access_log=None,
+        shutdown_timeout=1,
+        max_field_size=MAX_FIELD_SIZE,
+        max_line_size=MAX_LINE_SIZE,
+    )
     await runner.setup()
     await admin_runner.setup()
     port = int(settings.interface.rpartition(":")[2])
@@ -120,7 +132,9 @@ async def running_sidecar(config: dict[str, Any]) -> AsyncIterator[Sidecar]:
 
 
 @contextmanager
-def sidecar_process(config: dict[str, Any], *, workers: int = 1) -> Iterator[subprocess.Popen[bytes]]:
+def sidecar_process(
+    config: dict[str, Any], *, workers: int = 1
+) -> Iterator[subprocess.Popen[bytes]]:
     """`sidecar run` as a real process; waits until its readiness endpoint answers."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(config, f)
