@@ -131,12 +131,25 @@ def _log_request(request: web.Request, status: int, seconds: float, outcome: str
 # ---------------------------------------------------------------- the proxied path
 
 
+_CONTINUE_DEFERRED = web.RequestKey[bool]("continue_deferred")
+
+
+async def defer_continue(request: web.Request) -> None:
+    """aiohttp would answer `Expect: 100-continue` before authentication, inviting anyone to
+    upload; the proxy handler sends it after authenticating instead."""
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        request[_CONTINUE_DEFERRED] = True
+
+
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
     app = request.app
     db = app[keys.DATABASES].get(request.match_info["db"])
     request[keys.DB_NAME] = db.name
     identity = await authenticate(request, db)  # raises: nothing below runs unauthenticated
     request[keys.IDENTITY] = identity
+    if request.get(_CONTINUE_DEFERRED):
+        # RFC 9110 10.1.1: invite the body only once the caller is known.
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     settings = app[keys.SETTINGS]
     peer = request.remote
     headers = upstream_request_headers(
@@ -238,8 +251,8 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     router.add_get("/_health", live)
     router.add_get("/_ready", ready)
     _add_login_routes(app)
-    router.add_route("*", "/{db}", proxy_handler)
-    router.add_route("*", "/{db}/{tail:.*}", proxy_handler)
+    router.add_route("*", "/{db}", proxy_handler, expect_handler=defer_continue)
+    router.add_route("*", "/{db}/{tail:.*}", proxy_handler, expect_handler=defer_continue)
     return app
 
 

@@ -150,7 +150,17 @@ BROKEN: list[tuple[str, str, list[str]]] = [
     ("log-level", GOOD + "logging: {level: trace}\n", ["logging.level: "]),
     ("not-a-mapping", "- a\n- b\n", ["(top level): must be a mapping"]),
     ("empty-file", "", ["(top level): must be a mapping"]),
-    ("yaml-syntax", "databases: [\n", ["not valid YAML"]),
+    ("yaml-syntax", "databases: [\n", [":2:1: not valid YAML"]),
+    (
+        "duplicate-key",
+        "upstream: http://a\ndatabases: {db: {}}\nupstream: http://b\n",
+        [":3:1: not valid YAML: duplicate key 'upstream'"],
+    ),
+    (
+        "register-by-attribute-name",
+        "upstream: http://a\ndatabases:\n  db:\n    oidc:\n      providers:\n        p: {issuer: 'http://x', client_id: c, register_user: true}\n",
+        ["databases.db.oidc.providers.p.register_user: unknown key"],
+    ),
     (
         "every-problem-at-once",
         "upstream: ftp://x\nintreface: 1\ndatabases:\n  Db: {}\n  db:\n    oidc:\n      default_provider: x\n"
@@ -207,7 +217,12 @@ def test_check_config_broken(
         if line.startswith("config error: ")
     ]
     for start in expected:
-        assert any(p.startswith(start) or p.startswith(f"{path}: {start}") for p in problems), (
+        assert any(
+            p.startswith(start)
+            or p.startswith(f"{path}: {start}")
+            or p.startswith(f"{path}{start}")
+            for p in problems
+        ), (
             start,
             problems,
         )
