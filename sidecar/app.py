@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import itertools
 import logging
 import secrets
 import time
@@ -32,6 +33,7 @@ from sidecar.proxy import Forwarder, make_client_session, target_url
 from sidecar.sessions import routes as session_routes
 from sidecar.sessions.cookies import add_session_cookie_header
 from sidecar.sessions.store import StoreUnavailable, create_store, hash_session_id
+from sidecar.sgbridge import SessionBridge, strip_set_cookies
 from sidecar.websockets import WebSocketRegistry
 
 log = logging.getLogger("sidecar")
@@ -41,12 +43,18 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _REQUEST_ID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 
 
+# Request ids need to be unique, not secret: a random per-process prefix and a counter cost
+# no system call per request (secrets.token_hex reads the kernel's random source each time).
+_ID_PREFIX = secrets.token_hex(4)
+_id_counter = itertools.count(1)
+
+
 def request_id_of(request: web.Request) -> str:
     """The caller's X-Request-ID when it is short and plain, else a fresh one."""
-    given = request.headers.get("X-Request-ID", "")
-    if 0 < len(given) <= 128 and set(given) <= _REQUEST_ID_OK:
+    given = request.headers.get("X-Request-ID")
+    if given and len(given) <= 128 and _REQUEST_ID_OK.issuperset(given):
         return given
-    return secrets.token_hex(8)
+    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFFFFFF:08x}"
 
 
 def error_response(exc: SidecarError) -> web.Response:
@@ -93,6 +101,12 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
     rid = request.get(keys.REQUEST_ID)
     if rid is not None:
         response.headers["X-Request-ID"] = rid
+    sg_session = request.get(keys.SG_SESSION)
+    if sg_session is not None:  # security: Sync Gateway's session cookie stays in the pod
+        strip_set_cookies(response.headers)
+        if response.status == 401:  # Sync Gateway no longer knows that session
+            bridge = request.app[keys.SG_BRIDGES][request[keys.DB_NAME]]
+            bridge.forget(request[keys.IDENTITY].name, sg_session)
     identity = request.get(keys.IDENTITY)
     if identity is not None and identity.session_expires is not None and identity.session_id:
         db = request.app[keys.DATABASES].get(request[keys.DB_NAME])
@@ -147,6 +161,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     request[keys.DB_NAME] = db.name
     identity = await authenticate(request, db)  # raises: nothing below runs unauthenticated
     request[keys.IDENTITY] = identity
+    bridge = app[keys.SG_BRIDGES].get(db.name)  # Sync Gateway: it must see the user too
+    sg_session = await bridge.upstream_cookie(identity) if bridge is not None else None
     if request.get(_CONTINUE_DEFERRED):
         # RFC 9110 10.1.1: invite the body only once the caller is known.
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -165,6 +181,9 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         request_id=request[keys.REQUEST_ID],
         couchdb=settings.couchdb_proxy_auth if settings.couchdb_proxy_auth.enabled else None,
     )
+    if sg_session is not None:
+        SessionBridge.apply(headers, db.cookie_name, sg_session)
+        request[keys.SG_SESSION] = sg_session
     target = target_url(db.upstream, request.raw_path)
     forwarder = app[keys.FORWARDER]
     if _is_websocket_upgrade(request):
@@ -228,10 +247,24 @@ async def ready(request: web.Request) -> web.Response:
 # ---------------------------------------------------------------- wiring
 
 
-# aiohttp server options for both listeners: ID tokens with large group claims exceed
-# aiohttp's default 8 KiB header line; tokens.py caps the token itself at 16 KiB.
+# ID tokens with large group claims exceed aiohttp's default 8 KiB header line; tokens.py
+# caps the token itself at 16 KiB.
 MAX_FIELD_SIZE = 24 * 1024
 MAX_LINE_SIZE = 16 * 1024
+
+
+def make_runner(app: web.Application, *, shutdown_timeout: float) -> web.AppRunner:
+    """How both listeners are served. handler_cancellation: a client that goes away cancels
+    its handler, which closes the upstream connection (the Forwarder relies on it)."""
+    return web.AppRunner(
+        app,
+        access_log=None,  # one line per request comes from `observe`
+        handle_signals=False,
+        shutdown_timeout=shutdown_timeout,
+        handler_cancellation=True,
+        max_field_size=MAX_FIELD_SIZE,
+        max_line_size=MAX_LINE_SIZE,
+    )
 
 
 def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.Application:
@@ -292,6 +325,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             connect_timeout=timeouts.upstream_connect,
             read_timeout=timeouts.upstream_read,
             max_body_bytes=settings.max_body_bytes,
+            disconnect_poll_interval=None,  # make_runner's handler_cancellation does it
         )
 
         store = create_store(
@@ -317,6 +351,14 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             )
 
         app[keys.DATABASES] = Databases.build(settings, make_registry, upstream_override)
+        app[keys.SG_BRIDGES] = bridges = {
+            name: SessionBridge(conf.sync_gateway, name, provider_http)
+            for name, conf in settings.databases.items()
+            if conf.sync_gateway is not None
+        }
+        for bridge in bridges.values():
+            stack.callback(store.subscribe(bridge.on_store_event))
+            stack.push_async_callback(bridge.close)
         refreshers = [
             asyncio.create_task(provider.run_refresh(), name=f"provider-refresh-{provider.name}")
             for registry in app[keys.DATABASES].registries()

@@ -29,6 +29,8 @@ log = logging.getLogger("sidecar.auth")
 
 # RFC 6750 2.1: b64token = 1*( ALPHA / DIGIT / "-" / "." / "_" / "~" / "+" / "/" ) *"="
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+# RFC 6265 4.1.1 cookie-octet: what a plain (unquoted) cookie value may hold.
+_COOKIE_OCTETS = re.compile(r"[\x21\x23-\x2B\x2D-\x3A\x3C-\x5B\x5D-\x7E]*")
 MAX_AUTHORIZATION = 16 * 1024
 # A session whose expiry moved less than this long ago gets its cookie sent again.
 COOKIE_REFRESH_WINDOW = 2.0
@@ -67,6 +69,8 @@ def session_cookie(request: web.Request, name: str) -> str | None:
         for part in header.split(";"):
             key, sep, value = part.strip().partition("=")
             if sep and key == name:
+                if _COOKIE_OCTETS.fullmatch(value):
+                    return value  # the common, plain case: no cookie parser needed
                 try:
                     jar.load(f"{key}={value}")
                 except CookieError:

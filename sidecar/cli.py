@@ -29,27 +29,13 @@ def split_listen(value: str) -> tuple[str | None, int]:
 
 
 async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
-    from sidecar.app import MAX_FIELD_SIZE, MAX_LINE_SIZE, create_admin_app, create_app
+    from sidecar.app import create_admin_app, create_app, make_runner
 
     app = create_app(settings)
     admin = create_admin_app(app)
     grace = settings.shutdown_grace_seconds
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        handle_signals=False,
-        shutdown_timeout=grace,
-        max_field_size=MAX_FIELD_SIZE,
-        max_line_size=MAX_LINE_SIZE,
-    )
-    admin_runner = web.AppRunner(
-        admin,
-        access_log=None,
-        handle_signals=False,
-        shutdown_timeout=1,
-        max_field_size=MAX_FIELD_SIZE,
-        max_line_size=MAX_LINE_SIZE,
-    )
+    runner = make_runner(app, shutdown_timeout=grace)
+    admin_runner = make_runner(admin, shutdown_timeout=1)
     await runner.setup()  # opens the store, the HTTP clients, the provider refreshers
     await admin_runner.setup()
     sites = []

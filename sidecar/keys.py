@@ -14,6 +14,7 @@ from sidecar.lifecycle import Lifecycle
 from sidecar.observability import Metrics
 from sidecar.proxy import Forwarder
 from sidecar.sessions.store import SessionStore
+from sidecar.sgbridge import SessionBridge
 from sidecar.websockets import WebSocketRegistry
 
 SETTINGS = web.AppKey[Settings]("settings")
@@ -26,9 +27,11 @@ WEBSOCKETS = web.AppKey[WebSocketRegistry]("websockets")
 METRICS = web.AppKey[Metrics]("metrics")
 LIFECYCLE = web.AppKey[Lifecycle]("lifecycle")
 TRUSTED_NETWORKS = web.AppKey[Sequence[IPv4Network | IPv6Network]]("trusted_networks")
+SG_BRIDGES = web.AppKey[dict[str, SessionBridge]]("sg_bridges")  # by database name
 PUBLIC_APP = web.AppKey[web.Application]("public_app")  # the admin app reaches the public one
 
 # Request state.
 IDENTITY = web.RequestKey[Identity]("identity")
 REQUEST_ID = web.RequestKey[str]("request_id")
 DB_NAME = web.RequestKey[str]("db")
+SG_SESSION = web.RequestKey[str]("sg_session")  # the Sync Gateway session sent upstream

@@ -153,6 +153,9 @@ class _RequestBody:
             raise
 
 
+SMALL_BODY = 64 * 1024  # answers with a Content-Length up to this are relayed in one piece
+
+
 class Forwarder:
     """Relays requests and WebSockets to the upstream through one pooled ClientSession.
 
@@ -169,7 +172,7 @@ class Forwarder:
         max_body_bytes: int | None,
         ws_max_msg_size: int = DEFAULT_WS_MAX_MSG_SIZE,
         ws_close_timeout: float = 10.0,
-        disconnect_poll_interval: float = 1.0,
+        disconnect_poll_interval: float | None = 1.0,
     ) -> None:
         self._session = session
         self._timeout = _client_timeout(connect_timeout, read_timeout)
@@ -187,6 +190,10 @@ class Forwarder:
         if self._max_body is not None and length is not None and length > self._max_body:
             raise PayloadTooLarge(f"request body exceeds {self._max_body} bytes")
         started: list[web.StreamResponse] = []
+        if self._poll is None:
+            # The server runs with handler_cancellation: a client that goes away cancels this
+            # handler, and _forward's cleanup closes the upstream connection. No watcher task.
+            return await self._forward(request, target_url, headers, started)
         forward = asyncio.ensure_future(self._forward(request, target_url, headers, started))
         watch = asyncio.ensure_future(_until_client_gone(request, self._poll))
         try:
@@ -229,6 +236,26 @@ class Forwarder:
             log.warning("upstream %s %s failed: %r", request.method, url.path, exc)
             raise _upstream_failure(exc) from exc
 
+        length = upstream.content_length
+        if (
+            length is not None
+            and length <= SMALL_BODY
+            and request.method != "HEAD"
+            and upstream.status not in (204, 304)
+        ):
+            # Small answers (most sync traffic) in one piece: one write instead of a stream.
+            try:
+                payload = await upstream.read()
+            except (aiohttp.ClientError, OSError) as exc:
+                upstream.close()
+                raise _upstream_failure(exc) from exc
+            upstream.release()
+            return web.Response(
+                status=upstream.status,
+                reason=upstream.reason,
+                headers=downstream_response_headers(upstream.headers),
+                body=payload,
+            )
         response = web.StreamResponse(
             status=upstream.status,
             reason=upstream.reason,
@@ -308,6 +335,7 @@ class Forwarder:
                 max_msg_size=self._ws_max_msg_size,
                 timeout=self._ws_close_timeout,
             )
+            client.upstream = upstream
             await client.prepare(request)
             if on_open is not None:
                 on_open(client)
@@ -322,6 +350,7 @@ class _ClientWebSocket(web.WebSocketResponse):
     """Remembers the code and reason of a close() the sidecar started, for the upstream."""
 
     sidecar_close: tuple[int, bytes] | None = None
+    upstream: aiohttp.ClientWebSocketResponse[Any] | None = None
 
     async def close(
         self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True
@@ -329,6 +358,10 @@ class _ClientWebSocket(web.WebSocketResponse):
         # aiohttp's own closes (peer gone, protocol error) set close_code before calling close().
         if self.close_code is None and not self.closed and self.sidecar_close is None:
             self.sidecar_close = (code, message)
+            # Close the upstream first with the same code and reason: once the client's
+            # connection is gone the server cancels the relay, which could not pass them on.
+            if self.upstream is not None and not self.upstream.closed:
+                await self.upstream.close(code=code, message=message)
         return await super().close(code=code, message=message, drain=drain)
 
 
@@ -392,7 +425,9 @@ async def _relay(client: _ClientWebSocket, upstream: aiohttp.ClientWebSocketResp
             await client.close(code=_sendable(upstream.close_code, code), message=reason)
         else:
             end = from_upstream.result()
-            if end.how == "close":
+            if client.sidecar_close is not None:  # we closed the upstream on the client's behalf
+                code, reason = client.sidecar_close
+            elif end.how == "close":
                 code, reason = _sendable(end.code, WSCloseCode.OK), end.reason
             else:
                 code, reason = WSCloseCode.BAD_GATEWAY, b"upstream went away"

@@ -21,7 +21,7 @@ import aiohttp
 import yaml
 from aiohttp import WSMsgType, web
 
-from sidecar.app import MAX_FIELD_SIZE, MAX_LINE_SIZE, create_admin_app, create_app
+from sidecar.app import create_admin_app, create_app, make_runner
 from sidecar.config import parse_settings
 from support.redis_server import free_port
 
@@ -102,20 +102,8 @@ async def running_sidecar(config: dict[str, Any]) -> AsyncIterator[Sidecar]:
     settings = parse_settings(config)
     app = create_app(settings)
     admin = create_admin_app(app)
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        shutdown_timeout=1,
-        max_field_size=MAX_FIELD_SIZE,
-        max_line_size=MAX_LINE_SIZE,
-    )
-    admin_runner = web.AppRunner(
-        admin,
-        access_log=None,
-        shutdown_timeout=1,
-        max_field_size=MAX_FIELD_SIZE,
-        max_line_size=MAX_LINE_SIZE,
-    )
+    runner = make_runner(app, shutdown_timeout=1)
+    admin_runner = make_runner(admin, shutdown_timeout=1)
     await runner.setup()
     await admin_runner.setup()
     port = int(settings.interface.rpartition(":")[2])
