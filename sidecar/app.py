@@ -24,6 +24,7 @@ from sidecar.databases import Database, Databases
 from sidecar.errors import SidecarError
 from sidecar.headers import client_ip_trusted, upstream_request_headers
 from sidecar.identity import Identity
+from sidecar.identity_cache import BearerIdentities
 from sidecar.lifecycle import Lifecycle
 from sidecar.observability import Metrics
 from sidecar.oidc import routes as oidc_routes
@@ -274,6 +275,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app[keys.METRICS] = metrics or Metrics()
     app[keys.LIFECYCLE] = Lifecycle()
     app[keys.WEBSOCKETS] = WebSocketRegistry()
+    app[keys.BEARER_IDENTITIES] = BearerIdentities()
     app[keys.TRUSTED_NETWORKS] = tuple(
         ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies
     )
@@ -341,6 +343,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(store.close)
         app[keys.STORE] = store
         stack.callback(store.subscribe(app[keys.WEBSOCKETS].on_store_event))
+        stack.callback(store.subscribe(app[keys.BEARER_IDENTITIES].on_store_event))
 
         def make_registry(oidc: OIDCConfig) -> ProviderRegistry:
             return ProviderRegistry(

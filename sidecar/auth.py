@@ -5,6 +5,7 @@ Fail closed: every path that cannot prove the caller raises, so the upstream nev
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
@@ -121,8 +122,15 @@ async def identity_from_bearer(app: web.Application, db: Database, token: str) -
         raise Unauthorized("Invalid login") from None
     except ProviderError as exc:
         raise ServiceUnavailable(f"identity provider unavailable: {exc.reason}") from None
-    user = await login_user(app[keys.STORE], db, provider.name, provider.config, claims)
-    return Identity(
+    store = app[keys.STORE]
+    cache = app[keys.BEARER_IDENTITIES]
+    digest = hashlib.sha256(token.encode()).digest()
+    if store.caching:
+        identity = cache.get(db.name, digest, time.time(), store.generation)
+        if identity is not None:
+            return identity
+    user = await login_user(store, db, provider.name, provider.config, claims)
+    identity = Identity(
         name=user.name,
         email=user.email,
         roles=frozenset(user.roles),
@@ -130,6 +138,9 @@ async def identity_from_bearer(app: web.Application, db: Database, token: str) -
         via="bearer",
         provider=provider.name,
     )
+    if store.caching:
+        cache.put(db.name, digest, identity, float(claims["exp"]), store.generation)
+    return identity
 
 
 async def login_user(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
@@ -58,6 +59,7 @@ REQUEST_ID = "X-Request-ID"
 # (the list separator), so the encoding is injective: two different names never produce
 # the same header value, and one role can never turn into two.
 _VERBATIM = frozenset(range(0x21, 0x7F)) - {ord("%"), ord(",")}
+_PLAIN = re.compile(r"[\x21-\x24\x26-\x2B\x2D-\x7E]*")  # _VERBATIM as a pattern
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +82,8 @@ def encode_value(text: str) -> str:
     Security: identity values come from token claims. CR, LF and NUL (and every other control
     byte) are encoded, never stripped: stripping would let "adm\\nin" pass as "admin".
     """
+    if _PLAIN.fullmatch(text):
+        return text  # the common case, nothing to encode
     raw = text.encode("utf-8", "surrogatepass")  # lone surrogates are legal in JSON strings
     return "".join(chr(b) if b in _VERBATIM else f"%{b:02X}" for b in raw)
 

@@ -10,6 +10,7 @@ from aiohttp import ClientSession, web
 from sidecar.config import Settings
 from sidecar.databases import Databases
 from sidecar.identity import Identity
+from sidecar.identity_cache import BearerIdentities
 from sidecar.lifecycle import Lifecycle
 from sidecar.observability import Metrics
 from sidecar.proxy import Forwarder
@@ -28,6 +29,7 @@ METRICS = web.AppKey[Metrics]("metrics")
 LIFECYCLE = web.AppKey[Lifecycle]("lifecycle")
 TRUSTED_NETWORKS = web.AppKey[Sequence[IPv4Network | IPv6Network]]("trusted_networks")
 SG_BRIDGES = web.AppKey[dict[str, SessionBridge]]("sg_bridges")  # by database name
+BEARER_IDENTITIES = web.AppKey[BearerIdentities]("bearer_identities")
 PUBLIC_APP = web.AppKey[web.Application]("public_app")  # the admin app reaches the public one
 
 # Request state.

@@ -42,14 +42,14 @@ def make_client_session(
     *,
     connect_timeout: float,
     read_timeout: float,
-    limit: int = 1000,
+    limit: int = 0,
     keepalive_timeout: float = 15.0,
 ) -> aiohttp.ClientSession:
     """The pooled keep-alive session `Forwarder` needs; create it inside the running loop.
 
     `auto_decompress=False` is required: bodies pass through still encoded, matching the
     Content-Encoding and Content-Length headers that are copied. No cookie jar: upstream
-    cookies belong to the client, never to the sidecar. `limit` is high because WebSockets and
+    cookies belong to the client, never to the sidecar. `limit` is 0 (none) because WebSockets and
     continuous _changes feeds each hold a connection for as long as they live.
     """
     return aiohttp.ClientSession(

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
@@ -69,6 +69,9 @@ def _hosts(netloc: str, default_port: int) -> tuple[str | None, str | None, list
     return username, password, hosts
 
 
+MAX_CONNECTIONS = 256  # per process and Redis node
+
+
 def redis_client(url: str, *, timeout: float = 2.0) -> RedisClient:
     """Build (without connecting) the client for a `session_store` URL."""
     # Short socket timeouts: a hung Redis must fail requests fast (StoreUnavailable), not
@@ -82,7 +85,12 @@ def redis_client(url: str, *, timeout: float = 2.0) -> RedisClient:
     parts = urlsplit(url)
     scheme = parts.scheme
     if scheme in ("redis", "rediss", "unix"):
-        return RedisClient(Redis.from_url(url, **options))
+        # A burst of cache misses waits for a pooled connection (up to `timeout`) instead of
+        # failing at once with "Too many connections", redis-py's default pool behaviour.
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=MAX_CONNECTIONS, timeout=timeout, **options
+        )
+        return RedisClient(Redis.from_pool(pool))  # the client owns (and closes) the pool
     base, _, kind = scheme.partition("+")
     if base not in ("redis", "rediss") or kind not in ("sentinel", "cluster"):
         raise ValueError(f"unsupported session store URL scheme {scheme!r}")

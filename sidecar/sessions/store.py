@@ -161,6 +161,7 @@ class SessionStore(ABC):
         self._listeners: list[Listener] = []
         # Bumped on every invalidation: a read that started before one must not fill the cache.
         self._epoch = 0
+        self._generation = 0
         self._listening = False
         self._extending: set[str] = set()
 
@@ -342,7 +343,18 @@ class SessionStore(ABC):
 
     def _invalidate_all(self) -> None:
         self._epoch += 1
+        self._generation += 1
         self._cache.clear()
+
+    @property
+    def caching(self) -> bool:
+        """Whether this replica hears every revocation now; local caches are safe only then."""
+        return self._listening
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever events may have been missed: caches built on events start over."""
+        return self._generation
 
     def _set_listening(self, listening: bool) -> None:
         """Security: without an invalidation feed we cannot hear revocations, so the cache is
