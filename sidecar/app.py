@@ -26,7 +26,7 @@ from sidecar.headers import client_ip_trusted, upstream_request_headers
 from sidecar.identity import Identity
 from sidecar.identity_cache import BearerIdentities
 from sidecar.lifecycle import Lifecycle
-from sidecar.observability import Metrics
+from sidecar.observability import ACCESS_LOG, Metrics
 from sidecar.oidc import routes as oidc_routes
 from sidecar.oidc.provider import ProviderRegistry
 from sidecar.oidc.test_provider import TestProvider
@@ -38,7 +38,6 @@ from sidecar.sgbridge import SessionBridge, strip_set_cookies
 from sidecar.websockets import WebSocketRegistry
 
 log = logging.getLogger("sidecar")
-access_log = logging.getLogger("sidecar.access")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _REQUEST_ID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
@@ -127,10 +126,9 @@ def _log_request(request: web.Request, status: int, seconds: float, outcome: str
     identity = request.get(keys.IDENTITY)
     db = request.get(keys.DB_NAME, "-")
     _metrics(request).request(db, outcome, status, seconds)
-    if access_log.isEnabledFor(logging.INFO):
-        access_log.info(
-            "request",
-            extra={
+    if ACCESS_LOG.enabled():
+        ACCESS_LOG.request(
+            {
                 "method": request.method,
                 "path": request.path,  # path only: query strings may carry code / refresh_token
                 "status": status,
@@ -139,7 +137,7 @@ def _log_request(request: web.Request, status: int, seconds: float, outcome: str
                 "db": db,
                 "request_id": request[keys.REQUEST_ID],
                 "remote": request.remote,
-            },
+            }
         )
 
 

@@ -4,6 +4,7 @@ come back to the client. Pure functions; the proxy calls them around its I/O.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -76,6 +77,7 @@ def _norm(name: str) -> str:
     return name.lower().replace("_", "-")
 
 
+@functools.lru_cache(maxsize=4096)  # the same few names and grants recur on every request
 def encode_value(text: str) -> str:
     """Percent-encode the UTF-8 bytes of `text` outside visible ASCII, plus "%" and ",".
 
@@ -226,11 +228,16 @@ def downstream_response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]
     HEAD answer keeps its length). Transfer-Encoding is dropped: with no length, aiohttp
     re-chunks for HTTP/1.1 clients or closes the connection after an HTTP/1.0 body.
     """
-    connection_named = _connection_tokens(upstream)
-    chunked = any(name.lower() == "transfer-encoding" for name in upstream)
+    items = [(name, name.lower(), value) for name, value in upstream.items()]
+    connection_named: frozenset[str] = frozenset()
+    chunked = False
+    for _, key, value in items:
+        if key == "connection":
+            connection_named |= {_norm(t.strip()) for t in value.split(",") if t.strip()}
+        elif key == "transfer-encoding":
+            chunked = True
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.items():
-        key = name.lower()
+    for name, key, value in items:
         if key in HOP_BY_HOP or key in connection_named:
             continue
         if key == "content-length" and chunked:  # RFC 9112 6.3: Transfer-Encoding wins

@@ -118,6 +118,10 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             time.sleep(self._interval)
             self.flush()
 
+    def write_line(self, line: str) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self.stream.write(line + self.terminator)
+
     def emit(self, record: logging.LogRecord) -> None:
         try:
             msg = self.format(record)
@@ -129,6 +133,46 @@ class BufferedStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.handleError(record)
 
 
+class AccessLog:
+    """The one line per request. Through `logging` by default (tests and embedders capture it
+    there); once `setup_logging` installed JSON logs on stderr, written straight into that
+    handler's buffer instead — the logging machinery cost more per request than the auth."""
+
+    def __init__(self) -> None:
+        self._logger = logging.getLogger("sidecar.access")
+        self._direct: BufferedStreamHandler | None = None
+        self._second = -1
+        self._stamp = ""
+
+    def write_directly(self, handler: BufferedStreamHandler | None) -> None:
+        self._direct = handler
+
+    def enabled(self) -> bool:
+        return self._direct is not None or self._logger.isEnabledFor(logging.INFO)
+
+    def request(self, fields: dict[str, Any]) -> None:
+        direct = self._direct
+        if direct is None:
+            self._logger.info("request", extra=fields)
+            return
+        now = time.time()
+        second = int(now)
+        if second != self._second:  # the timestamp's text changes once a second
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        entry = {
+            "time": f"{self._stamp}.{int((now - second) * 1000):03d}Z",
+            "level": "info",
+            "logger": "sidecar.access",
+            "msg": "request",
+        }
+        entry.update(fields)
+        direct.write_line(json.dumps(entry, default=str, separators=(",", ":")))
+
+
+ACCESS_LOG = AccessLog()
+
+
 def setup_logging(fmt: str = "json", level: str = "info") -> None:
     handler = BufferedStreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
@@ -136,6 +180,8 @@ def setup_logging(fmt: str = "json", level: str = "info") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").disabled = True  # we log one line per request ourselves
+    access_on = logging.getLogger("sidecar.access").isEnabledFor(logging.INFO)
+    ACCESS_LOG.write_directly(handler if fmt == "json" and access_on else None)
     logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)
 
 
