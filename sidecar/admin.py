@@ -199,12 +199,13 @@ async def delete_session(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
-def add_routes(admin: web.Application) -> None:
-    r = admin.router
-    r.add_put("/{db}/_user/{name}", put_user)
-    r.add_get("/{db}/_user/{name}", get_user)
-    r.add_delete("/{db}/_user/{name}", delete_user)
-    r.add_delete("/{db}/_user/{name}/_session", delete_user_sessions)
-    r.add_post("/{db}/_session", post_session)
-    r.add_get("/{db}/_session/{session_id}", get_session)
-    r.add_delete("/{db}/_session/{session_id}", delete_session)
+def routes() -> list[web.RouteDef]:
+    return [
+        web.put("/{db}/_user/{name}", put_user),
+        web.get("/{db}/_user/{name}", get_user),
+        web.delete("/{db}/_user/{name}", delete_user),
+        web.delete("/{db}/_user/{name}/_session", delete_user_sessions),
+        web.post("/{db}/_session", post_session),
+        web.get("/{db}/_session/{session_id}", get_session),
+        web.delete("/{db}/_session/{session_id}", delete_session),
+    ]

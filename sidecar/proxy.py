@@ -183,9 +183,18 @@ class Forwarder:
         self._poll = disconnect_poll_interval
 
     async def http(
-        self, request: web.Request, target_url: URL, headers: CIMultiDict[str]
+        self,
+        request: web.Request,
+        target_url: URL,
+        headers: CIMultiDict[str],
+        *,
+        before_send: Callable[[web.StreamResponse], None] | None = None,
     ) -> web.StreamResponse:
-        """Forward `request` (any method) to `target_url` with `headers`; stream the answer."""
+        """Forward `request` (any method) to `target_url` with `headers`; stream the answer.
+
+        `before_send` gets a streamed answer just before its headers go out; an answer small
+        enough to be returned whole comes back unprepared for the caller to finish.
+        """
         length = request.content_length
         if self._max_body is not None and length is not None and length > self._max_body:
             raise PayloadTooLarge(f"request body exceeds {self._max_body} bytes")
@@ -193,8 +202,10 @@ class Forwarder:
         if self._poll is None:
             # The server runs with handler_cancellation: a client that goes away cancels this
             # handler, and _forward's cleanup closes the upstream connection. No watcher task.
-            return await self._forward(request, target_url, headers, started)
-        forward = asyncio.ensure_future(self._forward(request, target_url, headers, started))
+            return await self._forward(request, target_url, headers, started, before_send)
+        forward = asyncio.ensure_future(
+            self._forward(request, target_url, headers, started, before_send)
+        )
         watch = asyncio.ensure_future(_until_client_gone(request, self._poll))
         try:
             await asyncio.wait((forward, watch), return_when=asyncio.FIRST_COMPLETED)
@@ -214,6 +225,7 @@ class Forwarder:
         url: URL,
         headers: CIMultiDict[str],
         started: list[web.StreamResponse],
+        before_send: Callable[[web.StreamResponse], None] | None = None,
     ) -> web.StreamResponse:
         body = _RequestBody(request.content, self._max_body) if request.body_exists else None
         try:
@@ -264,6 +276,8 @@ class Forwarder:
         complete = False
         try:
             started.append(response)
+            if before_send is not None:  # last headers of the caller's, for a streamed answer
+                before_send(response)
             await response.prepare(request)
             async for chunk in upstream.content.iter_any():
                 await response.write(chunk)
@@ -287,6 +301,7 @@ class Forwarder:
         headers: CIMultiDict[str],
         *,
         on_open: Callable[[web.WebSocketResponse], None] | None = None,
+        before_send: Callable[[web.StreamResponse], None] | None = None,
     ) -> web.WebSocketResponse:
         """Connect to the upstream WebSocket first, then upgrade the client and relay frames.
 
@@ -336,6 +351,8 @@ class Forwarder:
                 timeout=self._ws_close_timeout,
             )
             client.upstream = upstream
+            if before_send is not None:
+                before_send(client)
             await client.prepare(request)
             if on_open is not None:
                 on_open(client)

@@ -168,3 +168,24 @@ def test_formatters_carry_extra_fields(formatter: logging.Formatter) -> None:
     record.user = "alice"
     out = formatter.format(record)
     assert "hello you" in out and "alice" in out
+
+
+@pytest.mark.parametrize(
+    ("seconds", "first_bucket"),
+    [(0.0001, "0.0005"), (0.0005, "0.0005"), (0.00051, "0.001"), (30.0, "30.0"), (31.0, "+Inf")],
+)
+def test_request_histogram_buckets_are_less_or_equal(seconds: float, first_bucket: str) -> None:
+    from prometheus_client import generate_latest
+
+    from sidecar.observability import Metrics
+
+    metrics = Metrics()
+    metrics.request("db", "ok", 200, seconds)
+    lines = generate_latest(metrics.registry).decode().splitlines()
+    filled = [
+        line.split('le="')[1].split('"')[0]
+        for line in lines
+        if line.startswith("sidecar_request_duration_seconds_bucket") and line.endswith(" 1.0")
+    ]
+    assert filled[0] == first_bucket
+    assert 'sidecar_requests_total{db="db",outcome="ok",status="200"} 1.0' in lines

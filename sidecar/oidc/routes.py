@@ -303,9 +303,10 @@ async def _session_answer(
     return response
 
 
-def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_get("/{db}/_oidc", oidc)
-    r.add_get("/{db}/_oidc_challenge", oidc_challenge)
-    r.add_get("/{db}/_oidc_callback", oidc_callback)
-    r.add_get("/{db}/_oidc_refresh", oidc_refresh)
+def routes() -> list[web.RouteDef]:
+    return [
+        web.get("/{db}/_oidc", oidc),
+        web.get("/{db}/_oidc_challenge", oidc_challenge),
+        web.get("/{db}/_oidc_callback", oidc_callback),
+        web.get("/{db}/_oidc_refresh", oidc_refresh),
+    ]

@@ -92,8 +92,9 @@ async def delete_session(request: web.Request) -> web.Response:
     return response
 
 
-def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_get("/{db}/_session", get_session)
-    r.add_post("/{db}/_session", post_session)
-    r.add_delete("/{db}/_session", delete_session)
+def routes() -> list[web.RouteDef]:
+    return [
+        web.get("/{db}/_session", get_session),
+        web.post("/{db}/_session", post_session),
+        web.delete("/{db}/_session", delete_session),
+    ]
