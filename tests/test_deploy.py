@@ -340,11 +340,14 @@ def test_sidecar_upstream_is_sync_gateway_on_loopback(
     assert len(set(all_ports)) == len(all_ports)
     assert settings.upstream == f"http://{sg['interface']}"
     assert "ports" not in container(spec, "sync-gateway")
-    # The sidecar forwards no credential; Sync Gateway serves the request as GUEST.
+    # The sidecar forwards no credential of the client's; the session bridge gives Sync
+    # Gateway a session of the user's through its loopback admin API, and GUEST is off.
     assert settings.pass_authorization is False
     assert set(sg["databases"]) == set(settings.databases)
-    for db in sg["databases"].values():
-        assert db["users"]["GUEST"]["disabled"] is False
+    for name, db in sg["databases"].items():
+        assert db["users"]["GUEST"]["disabled"] is True
+        bridge = settings.databases[name].sync_gateway
+        assert bridge is not None and bridge.admin_url == f"http://{sg['adminInterface']}"
         assert db["password"] == "${CB_PASSWORD}"  # expanded by Sync Gateway from the Secret
 
 
