@@ -4,7 +4,7 @@
 #   make lint      ruff check, ruff format --check, mypy (strict) on the package
 #   make test      install + deps + lint, then the whole pytest suite
 #   make run       the sidecar with sidecar.yaml (CONFIG=path to use another file)
-#   make bench     bench/run.py
+#   make bench     bench/run.py (ARGS=--quick for a one-minute smoke run)
 #   make clean     caches and node_modules; `make distclean` also removes .venv
 
 SHELL := /bin/bash
@@ -84,7 +84,7 @@ run: install
 	$(BIN)/sidecar run --config $(CONFIG)
 
 bench: install deps
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/run.py $(ARGS)
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info $(OP_DIR)/node_modules $(YJS_DIR)/node_modules
