@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from conftest import admin_session
 from support.redis_server import free_port
-from support.sidecar import base_config, running_sidecar
+from support.sidecar import base_config, running_sidecar, serving
 
 
 class LongPoll:
@@ -34,15 +34,9 @@ class LongPoll:
 @pytest.fixture
 async def long_poll() -> AsyncIterator[LongPoll]:
     upstream = LongPoll()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", upstream.handle)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    upstream.url = f"http://127.0.0.1:{port}"
-    yield upstream
-    await runner.cleanup()
+    async with serving(upstream.handle) as url:
+        upstream.url = url
+        yield upstream
 
 
 async def test_client_leaving_a_long_poll_closes_the_upstream_connection(

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 from conftest import KeyServer, admin_session
 from support.redis_server import RedisServer, free_port
-from support.sidecar import Sidecar, Upstream, base_config, running_sidecar
+from support.sidecar import Sidecar, Upstream, base_config, running_sidecar, serving
 
 COOKIE = "SyncGatewaySession"
 FORGED = "resilience-client"
@@ -208,16 +208,8 @@ async def _slow(request: web.Request) -> web.Response:
 
 @contextlib.asynccontextmanager
 async def slow_upstream() -> AsyncIterator[str]:
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", _slow)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with serving(_slow) as url:
+        yield url
 
 
 @contextlib.asynccontextmanager

@@ -21,7 +21,7 @@ import yaml
 from aiohttp import WSMsgType, web
 from conftest import admin_session, raw_http
 from support.redis_server import RedisServer, free_port
-from support.sidecar import ROOT, Upstream, base_config, sidecar_process
+from support.sidecar import ROOT, Upstream, base_config, serving, sidecar_process
 
 from sidecar.cli import main, split_listen
 
@@ -311,16 +311,8 @@ async def slow_upstream(arrived: asyncio.Event) -> Any:
         await asyncio.sleep(1.5)
         return web.json_response({"slow": True})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", slow)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with serving(slow) as url:
+        yield url
 
 
 async def wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> int:

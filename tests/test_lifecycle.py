@@ -17,7 +17,7 @@ import pytest
 import yaml
 from aiohttp import WSMsgType, web
 from support.redis_server import free_port
-from support.sidecar import ROOT, base_config
+from support.sidecar import ROOT, base_config, serving
 
 
 class SlowUpstream:
@@ -44,15 +44,9 @@ class SlowUpstream:
 @pytest.fixture
 async def slow_upstream() -> AsyncIterator[SlowUpstream]:
     upstream = SlowUpstream()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", upstream.handle)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    upstream.url = f"http://127.0.0.1:{port}"
-    yield upstream
-    await runner.cleanup()
+    async with serving(upstream.handle) as url:
+        upstream.url = url
+        yield upstream
 
 
 async def start_process(config: dict[str, Any]) -> subprocess.Popen[bytes]:

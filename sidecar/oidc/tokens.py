@@ -201,15 +201,18 @@ def verify_signature(parsed: ParsedToken, key: Key) -> None:
         raise TokenError("bad signature", "signature")
 
 
-def _numeric(claims: Mapping[str, Any], name: str) -> float | None:
+def _numeric(claims: Mapping[str, Any], name: str, code: str, *, required: bool) -> float | None:
+    """A NumericDate claim (RFC 7519 2: a JSON number; bool is an int in Python and is
+    refused), or None when absent and not required; TokenError with `code` otherwise."""
     value = claims.get(name)
     if value is None:
+        if required:
+            raise TokenError(f"{name} missing", code)
         return None
-    # RFC 7519 2 NumericDate: a JSON number; bool is an int in Python and is refused.
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(name)
+        raise TokenError(f"{name} is not a number", code)
     if isinstance(value, float) and not math.isfinite(value):
-        raise TypeError(name)
+        raise TokenError(f"{name} is not a number", code)
     return value
 
 
@@ -252,31 +255,18 @@ def check_claims(
         raise TokenError("azp is not client_id", "azp")
 
     # Step 9 / RFC 7519 4.1.4: exp required, in the future (minus leeway).
-    try:
-        exp = _numeric(claims, "exp")
-    except TypeError:
-        raise TokenError("exp is not a number", "expired") from None
-    if exp is None:
-        raise TokenError("exp missing", "expired")
-    if exp <= now - leeway:
+    exp = _numeric(claims, "exp", "expired", required=True)
+    if exp is not None and exp <= now - leeway:
         raise TokenError("token expired", "expired")
 
     # RFC 7519 4.1.5: nbf, when present, not in the future (plus leeway).
-    try:
-        nbf = _numeric(claims, "nbf")
-    except TypeError:
-        raise TokenError("nbf is not a number", "not_yet_valid") from None
+    nbf = _numeric(claims, "nbf", "not_yet_valid", required=False)
     if nbf is not None and nbf > now + leeway:
         raise TokenError("token not yet valid", "not_yet_valid")
 
     # Step 10 / OIDC Core 2: iat required; a token issued in the future is refused.
-    try:
-        iat = _numeric(claims, "iat")
-    except TypeError:
-        raise TokenError("iat is not a number", "iat") from None
-    if iat is None:
-        raise TokenError("iat missing", "iat")
-    if iat > now + leeway:
+    iat = _numeric(claims, "iat", "iat", required=True)
+    if iat is not None and iat > now + leeway:
         raise TokenError("iat in the future", "iat")
 
     # OIDC Core 2: sub required, a non-empty string of at most 255 characters.

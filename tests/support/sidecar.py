@@ -11,7 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,7 @@ from sidecar.config import parse_settings
 from support.redis_server import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @dataclass
@@ -73,6 +74,21 @@ async def running_upstream() -> AsyncIterator[Upstream]:
     upstream.url = f"http://127.0.0.1:{port}"
     try:
         yield upstream
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
+async def serving(handler: Handler) -> AsyncIterator[str]:
+    """`handler` answering every method and path on a free 127.0.0.1 port; yields the URL."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
 
