@@ -1,0 +1,154 @@
+"""Every request's bookkeeping: request id, errors as JSON, final headers, one log line, metrics.
+
+Routes are registered wrapped in `observed` rather than through an aiohttp middleware: the
+middleware machinery (two extra coroutine layers and a cache lookup per request) measured
+about 30 µs a request, more than authentication.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from sidecar import keys
+from sidecar.errors import NotFound, SidecarError
+from sidecar.observability import ACCESS_LOG, Metrics
+from sidecar.sessions.cookies import add_session_cookie_header
+from sidecar.sessions.store import StoreUnavailable
+from sidecar.sgbridge import strip_set_cookies
+
+log = logging.getLogger("sidecar")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_REQUEST_ID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
+
+
+# Request ids need to be unique, not secret: a random per-process prefix and a counter cost
+# no system call per request (secrets.token_hex reads the kernel's random source each time).
+_ID_PREFIX = secrets.token_hex(4)
+_id_counter = itertools.count(1)
+
+
+def request_id_of(request: web.Request) -> str:
+    """The caller's X-Request-ID when it is short and plain, else a fresh one."""
+    given = request.headers.get("X-Request-ID")
+    if given and len(given) <= 128 and _REQUEST_ID_OK.issuperset(given):
+        return given
+    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFFFFFF:08x}"
+
+
+def error_response(exc: SidecarError) -> web.Response:
+    return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+
+
+def observed(handler: Handler) -> Handler:
+    """`handler` wrapped in `observe`. Every route is registered this way instead of through
+    an aiohttp middleware: the middleware machinery (two extra coroutine layers and a cache
+    lookup per request) measured about 30 µs a request, more than authentication."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        return await observe(request, handler)
+
+    return wrapped
+
+
+def observed_routes(defs: list[web.RouteDef]) -> list[web.RouteDef]:
+    return [web.route(d.method, d.path, observed(d.handler), **d.kwargs) for d in defs]
+
+
+async def not_found(request: web.Request) -> web.StreamResponse:
+    raise NotFound("404: Not Found")
+
+
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Request id, error → JSON, one log line and metrics per request."""
+    started = time.perf_counter()
+    request[keys.REQUEST_ID] = rid = request_id_of(request)
+    try:
+        response = await handler(request)
+        outcome = "ok"
+    except SidecarError as exc:
+        response = error_response(exc)
+        outcome = "rejected" if exc.status < 500 else "failed"
+        if isinstance(exc, StoreUnavailable):
+            _metrics(request).store_errors.inc()
+    except web.HTTPException as exc:  # aiohttp's own 404/405 for unrouted paths
+        if exc.status < 400:
+            raise
+        response = web.json_response(
+            {"error": exc.reason, "reason": exc.text or exc.reason}, status=exc.status
+        )
+        outcome = "rejected" if exc.status < 500 else "failed"
+    except (asyncio.CancelledError, ConnectionResetError):
+        _log_request(request, 499, time.perf_counter() - started, "client_gone")
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"request_id": rid})
+        response = web.json_response(
+            {"error": "Internal Server Error", "reason": "internal error; see the sidecar's log"},
+            status=500,
+        )
+        outcome = "failed"
+    if not response.prepared:
+        finish_response(request, response)
+    _log_request(request, response.status, time.perf_counter() - started, outcome)
+    return response
+
+
+def finish_response(request: web.Request, response: web.StreamResponse) -> None:
+    """Headers every answer gets before it goes out: the request id it was logged under, and
+    the session cookie again when the session's idle expiry was just extended. Called by
+    `observe` for answers still unprepared, and by the Forwarder for ones it streams (an
+    on_response_prepare signal did this at a measurable cost per request)."""
+    rid = request.get(keys.REQUEST_ID)
+    if rid is not None:
+        response.headers["X-Request-ID"] = rid
+    sg_session = request.get(keys.SG_SESSION)
+    if sg_session is not None:  # security: Sync Gateway's session cookie stays in the pod
+        strip_set_cookies(response.headers)
+        if response.status == 401:  # Sync Gateway no longer knows that session
+            bridge = request.app[keys.SG_BRIDGES][request[keys.DB_NAME]]
+            bridge.forget(request[keys.IDENTITY].name, sg_session)
+    identity = request.get(keys.IDENTITY)
+    if identity is not None and identity.session_expires is not None and identity.session_id:
+        db = request.app[keys.DATABASES].get(request[keys.DB_NAME])
+        if db.cookie_name in response.cookies:  # the handler set a cookie of its own (new session)
+            return
+        add_session_cookie_header(
+            request, response, db, identity.session_id, identity.session_expires
+        )
+
+
+def finisher(request: web.Request) -> Callable[[web.StreamResponse], None]:
+    return functools.partial(finish_response, request)
+
+
+def _metrics(request: web.Request) -> Metrics:
+    app = request.app
+    return app[keys.METRICS] if keys.METRICS in app else app[keys.PUBLIC_APP][keys.METRICS]
+
+
+def _log_request(request: web.Request, status: int, seconds: float, outcome: str) -> None:
+    identity = request.get(keys.IDENTITY)
+    db = request.get(keys.DB_NAME, "-")
+    _metrics(request).request(db, outcome, status, seconds)
+    if ACCESS_LOG.enabled():
+        ACCESS_LOG.request(
+            {
+                "method": request.method,
+                "path": request.path,  # path only: query strings may carry code / refresh_token
+                "status": status,
+                "duration_ms": round(seconds * 1000, 2),
+                "user": identity.name if identity is not None else None,
+                "db": db,
+                "request_id": request[keys.REQUEST_ID],
+                "remote": request.remote,
+            }
+        )
