@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -15,6 +14,7 @@ from sidecar.databases import Database
 from sidecar.errors import BadRequest, NotFound
 from sidecar.sessions.models import Session, User
 from sidecar.sessions.store import SessionStore, is_well_formed_session_id
+from sidecar.streams import read_json_object
 
 MAX_BODY = 64 * 1024
 USER_FIELDS = {"name", "email", "admin_channels", "admin_roles", "disabled"}
@@ -26,19 +26,6 @@ def _db(request: web.Request) -> tuple[Database, SessionStore]:
     db = public[keys.DATABASES].get(request.match_info["db"])
     request[keys.DB_NAME] = db.name
     return db, public[keys.STORE]
-
-
-async def _json(request: web.Request) -> dict[str, Any]:
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        raise BadRequest("body too large")
-    try:
-        body = json.loads(raw or b"{}")
-    except ValueError:
-        raise BadRequest("body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise BadRequest("body must be a JSON object")
-    return body
 
 
 def rfc3339(timestamp: float) -> str:
@@ -78,7 +65,7 @@ def user_json(user: User) -> dict[str, Any]:
 async def put_user(request: web.Request) -> web.Response:
     db, store = _db(request)
     name = request.match_info["name"]
-    body = await _json(request)
+    body = await read_json_object(request, limit=MAX_BODY)
     if "password" in body:  # checked first: it would otherwise read as an unknown field
         raise BadRequest("passwords are not supported: users log in with OpenID Connect")
     unknown = set(body) - USER_FIELDS - READ_ONLY
@@ -154,7 +141,7 @@ def session_json(session: Session, db: Database) -> dict[str, Any]:
 async def post_session(request: web.Request) -> web.Response:
     """Create a session for a user (Sync Gateway's custom authentication)."""
     db, store = _db(request)
-    body = await _json(request)
+    body = await read_json_object(request, limit=MAX_BODY)
     name = body.get("name")
     if not isinstance(name, str) or not name:
         raise BadRequest("name is required")

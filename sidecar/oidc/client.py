@@ -23,6 +23,7 @@ from authlib.oauth2.rfc7636 import create_s256_code_challenge  # type: ignore[im
 from sidecar.config import ProviderConfig
 from sidecar.errors import OAuthError, ProviderError
 from sidecar.oidc.provider import ProviderMetadata
+from sidecar.streams import read_bounded
 
 MAX_TOKEN_RESPONSE = 256 * 1024
 
@@ -112,12 +113,9 @@ async def token_request(
             meta.token_endpoint, data=body, headers=headers, allow_redirects=False
         ) as resp:
             status = resp.status
-            # read(n) returns what has arrived, not n bytes: read to the end, bounded.
-            raw = bytearray()
-            async for chunk in resp.content.iter_chunked(64 * 1024):
-                raw += chunk
-                if len(raw) > MAX_TOKEN_RESPONSE:
-                    raise ProviderError("token endpoint answer too large")
+            raw = await read_bounded(resp.content, MAX_TOKEN_RESPONSE)
+            if raw is None:
+                raise ProviderError("token endpoint answer too large")
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise ProviderError(f"token endpoint unreachable: {type(exc).__name__}") from None
     try:

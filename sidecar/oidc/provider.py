@@ -31,6 +31,7 @@ from sidecar.oidc.tokens import (
     parse_token,
     verify_parsed,
 )
+from sidecar.streams import read_bounded
 
 log = logging.getLogger("sidecar.oidc")
 
@@ -251,11 +252,9 @@ class Provider:
                 # Security: bounded reads; a hostile or broken provider cannot fill our memory.
                 if resp.content_length is not None and resp.content_length > MAX_DOCUMENT_BYTES:
                     _fail(f"{what} is larger than {MAX_DOCUMENT_BYTES} bytes")
-                body = bytearray()
-                async for chunk in resp.content.iter_chunked(64 * 1024):
-                    body += chunk
-                    if len(body) > MAX_DOCUMENT_BYTES:
-                        _fail(f"{what} is larger than {MAX_DOCUMENT_BYTES} bytes")
+                body = await read_bounded(resp.content, MAX_DOCUMENT_BYTES)
+                if body is None:
+                    _fail(f"{what} is larger than {MAX_DOCUMENT_BYTES} bytes")
                 interval = refresh_interval(resp.headers.get("Cache-Control"))
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             # ClientError covers connection refused, TLS failures, too many redirects.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -10,10 +9,11 @@ from aiohttp import web
 
 from sidecar import keys
 from sidecar.auth import authenticate, bearer_token, session_cookie
-from sidecar.errors import BadRequest, NotFound, Unauthorized
+from sidecar.errors import NotFound, Unauthorized
 from sidecar.identity import Identity
 from sidecar.sessions.cookies import expire_session_cookie, set_session_cookie
 from sidecar.sessions.store import is_well_formed_session_id
+from sidecar.streams import read_json_object
 
 AUTH_HANDLERS = ["default", "cookie"]
 
@@ -37,26 +37,11 @@ async def get_session(request: web.Request) -> web.Response:
     return web.json_response(session_body(identity))
 
 
-async def _read_json_object(request: web.Request) -> dict[str, Any]:
-    if not request.can_read_body:
-        return {}
-    raw = await request.read()
-    if not raw.strip():
-        return {}
-    try:
-        body = json.loads(raw)
-    except ValueError:
-        raise BadRequest("body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise BadRequest("body must be a JSON object")
-    return body
-
-
 async def post_session(request: web.Request) -> web.Response:
     """An authenticated caller (e.g. a bearer ID token) gets a session and its cookie."""
     db = request.app[keys.DATABASES].get(request.match_info["db"])
     request[keys.DB_NAME] = db.name
-    body = await _read_json_object(request)
+    body = await read_json_object(request)
     if "name" in body or "password" in body:
         # Sync Gateway's password login: there are no passwords here, only OpenID Connect.
         raise Unauthorized("Invalid login: password authentication is not supported")
