@@ -20,7 +20,7 @@ from aiohttp import web
 from sidecar import keys
 from sidecar.errors import NotFound, SidecarError
 from sidecar.observability import ACCESS_LOG, Metrics
-from sidecar.sessions.cookies import add_session_cookie_header
+from sidecar.sessions.cookies import set_session_cookie, sets_session_cookie
 from sidecar.sessions.store import StoreUnavailable
 from sidecar.sgbridge import strip_set_cookies
 
@@ -119,11 +119,9 @@ def finish_response(request: web.Request, response: web.StreamResponse) -> None:
     identity = request.get(keys.IDENTITY)
     if identity is not None and identity.session_expires is not None and identity.session_id:
         db = request.app[keys.DATABASES].get(request[keys.DB_NAME])
-        if db.cookie_name in response.cookies:  # the handler set a cookie of its own (new session)
+        if sets_session_cookie(response, db):  # the handler set one of its own (new session)
             return
-        add_session_cookie_header(
-            request, response, db, identity.session_id, identity.session_expires
-        )
+        set_session_cookie(request, response, db, identity.session_id, identity.session_expires)
 
 
 def finisher(request: web.Request) -> Callable[[web.StreamResponse], None]:

@@ -1,4 +1,5 @@
-"""The session cookie: set on login, expired on logout (Sync Gateway's name and path)."""
+"""The session cookie: set on login, sent again on extension, expired on logout (Sync Gateway's
+name, path /{db})."""
 
 from __future__ import annotations
 
@@ -10,10 +11,27 @@ from aiohttp import web
 from sidecar import keys
 from sidecar.databases import Database
 
+EXPIRED = "Thu, 01 Jan 1970 00:00:00 GMT"
+
 
 def secure_cookies(request: web.Request) -> bool:
     mode = request.app[keys.SETTINGS].session.cookie_secure
     return mode == "always" or (mode == "auto" and request.scheme == "https")
+
+
+def _session_cookie(request: web.Request, db: Database, value: str, expires: str) -> str:
+    """The Set-Cookie value; every session cookie the sidecar writes is built here."""
+    jar: SimpleCookie = SimpleCookie()
+    jar[db.cookie_name] = value
+    morsel = jar[db.cookie_name]
+    morsel["path"] = f"/{db.name}"
+    morsel["expires"] = expires
+    if not value:
+        morsel["max-age"] = 0
+    morsel["httponly"] = True  # Security: scripts never see the session id
+    morsel["secure"] = secure_cookies(request)
+    morsel["samesite"] = "Lax"
+    return morsel.OutputString()
 
 
 def set_session_cookie(
@@ -23,45 +41,17 @@ def set_session_cookie(
     session_id: str,
     expires: float,
 ) -> None:
-    response.set_cookie(
-        db.cookie_name,
-        session_id,
-        path=f"/{db.name}",
-        expires=formatdate(expires, usegmt=True),
-        httponly=True,  # Security: scripts never see the session id
-        secure=secure_cookies(request),
-        samesite="Lax",
-    )
-
-
-def add_session_cookie_header(
-    request: web.Request,
-    response: web.StreamResponse,
-    db: Database,
-    session_id: str,
-    expires: float,
-) -> None:
-    """The same cookie as a header: for `on_response_prepare`, which aiohttp calls after it
-    has already turned `response.cookies` into headers."""
-    jar: SimpleCookie = SimpleCookie()
-    jar[db.cookie_name] = session_id
-    morsel = jar[db.cookie_name]
-    morsel["path"] = f"/{db.name}"
-    morsel["expires"] = formatdate(expires, usegmt=True)
-    morsel["httponly"] = True
-    morsel["secure"] = secure_cookies(request)
-    morsel["samesite"] = "Lax"
-    response.headers.add("Set-Cookie", morsel.OutputString())
+    """Works before and after aiohttp turned `response.cookies` into headers (it does that
+    before on_response_prepare and the Forwarder's last-minute headers)."""
+    header = _session_cookie(request, db, session_id, formatdate(expires, usegmt=True))
+    response.headers.add("Set-Cookie", header)
 
 
 def expire_session_cookie(request: web.Request, response: web.StreamResponse, db: Database) -> None:
-    response.set_cookie(
-        db.cookie_name,
-        "",
-        path=f"/{db.name}",
-        expires="Thu, 01 Jan 1970 00:00:00 GMT",
-        max_age=0,
-        httponly=True,
-        secure=secure_cookies(request),
-        samesite="Lax",
-    )
+    response.headers.add("Set-Cookie", _session_cookie(request, db, "", EXPIRED))
+
+
+def sets_session_cookie(response: web.StreamResponse, db: Database) -> bool:
+    """Whether the handler already wrote a session cookie into this answer."""
+    prefix = db.cookie_name + "="
+    return any(v.startswith(prefix) for v in response.headers.getall("Set-Cookie", ()))
