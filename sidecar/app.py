@@ -95,7 +95,6 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             cookie_jar=aiohttp.DummyCookieJar(),
         )
         stack.push_async_callback(provider_http.close)
-        app[keys.UPSTREAM_HTTP] = upstream_http
         app[keys.PROVIDER_HTTP] = provider_http
         app[keys.FORWARDER] = Forwarder(
             upstream_http,

@@ -18,14 +18,12 @@ from sidecar.proxy import target_url
 from sidecar.sessions.store import hash_session_id
 from sidecar.sgbridge import SessionBridge
 
-_CONTINUE_DEFERRED = web.RequestKey[bool]("continue_deferred")
-
 
 async def defer_continue(request: web.Request) -> None:
     """aiohttp would answer `Expect: 100-continue` before authentication, inviting anyone to
     upload; the proxy handler sends it after authenticating instead."""
     if request.headers.get("Expect", "").lower() == "100-continue":
-        request[_CONTINUE_DEFERRED] = True
+        request[keys.CONTINUE_DEFERRED] = True
 
 
 async def proxy_handler(request: web.Request) -> web.StreamResponse:
@@ -36,7 +34,7 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     request[keys.IDENTITY] = identity
     bridge = app[keys.SG_BRIDGES].get(db.name)  # Sync Gateway: it must see the user too
     sg_session = await bridge.upstream_cookie(identity) if bridge is not None else None
-    if request.get(_CONTINUE_DEFERRED):
+    if request.get(keys.CONTINUE_DEFERRED):
         # RFC 9110 10.1.1: invite the body only once the caller is known.
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     settings = app[keys.SETTINGS]

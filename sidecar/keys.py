@@ -21,7 +21,6 @@ from sidecar.websockets import WebSocketRegistry
 SETTINGS = web.AppKey[Settings]("settings")
 STORE = web.AppKey[SessionStore]("session_store")
 DATABASES = web.AppKey[Databases]("databases")
-UPSTREAM_HTTP = web.AppKey[ClientSession]("upstream_http")
 PROVIDER_HTTP = web.AppKey[ClientSession]("provider_http")
 FORWARDER = web.AppKey[Forwarder]("forwarder")
 WEBSOCKETS = web.AppKey[WebSocketRegistry]("websockets")
@@ -36,4 +35,5 @@ PUBLIC_APP = web.AppKey[web.Application]("public_app")  # the admin app reaches 
 IDENTITY = web.RequestKey[Identity]("identity")
 REQUEST_ID = web.RequestKey[str]("request_id")
 DB_NAME = web.RequestKey[str]("db")
+CONTINUE_DEFERRED = web.RequestKey[bool]("continue_deferred")  # Expect: 100-continue pending
 SG_SESSION = web.RequestKey[str]("sg_session")  # the Sync Gateway session sent upstream
