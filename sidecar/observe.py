@@ -45,7 +45,10 @@ def request_id_of(request: web.Request) -> str:
 
 
 def error_response(exc: SidecarError) -> web.Response:
-    return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+    # Security: reasons may echo provider-sent text (an error_description); never let a
+    # browser sniff the JSON as HTML.
+    headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store", **exc.headers}
+    return web.json_response(exc.body(), status=exc.status, headers=headers)
 
 
 def observed(handler: Handler) -> Handler:

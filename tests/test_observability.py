@@ -189,3 +189,13 @@ def test_request_histogram_buckets_are_less_or_equal(seconds: float, first_bucke
     ]
     assert filled[0] == first_bucket
     assert 'sidecar_requests_total{db="db",outcome="ok",status="200"} 1.0' in lines
+
+
+async def test_error_answers_are_never_sniffed_or_cached(sidecar: Sidecar) -> None:
+    async with aiohttp.ClientSession() as http:
+        url = f"{sidecar.url}/db/_oidc_callback?error=x&error_description=%3Cscript%3E"
+        async with http.get(url) as r:
+            assert r.status == 401
+            assert r.headers["X-Content-Type-Options"] == "nosniff"
+            assert r.headers["Cache-Control"] == "no-store"
+            assert r.content_type == "application/json"
