@@ -67,7 +67,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     defs += oidc_routes.routes() + session_routes.routes()
     if settings.unsupported.oidc_test_provider.enabled:
         test_provider = TestProvider(public_url=settings.public_url)
-        defs += test_provider.routes(prefix="/{db}/_oidc_testing")
+        defs += oidc_routes.without_referrer(test_provider.routes(prefix="/{db}/_oidc_testing"))
     defs += [
         web.route("*", "/{db}", proxy_handler, expect_handler=defer_continue),
         web.route("*", "/{db}/{tail:.*}", proxy_handler, expect_handler=defer_continue),

@@ -99,3 +99,17 @@ class ServiceUnavailable(SidecarError):
 
 class GatewayTimeout(SidecarError):
     status = 504
+
+
+# Security: what a provider or a client wrote (an error_description, a user name, a token's
+# alg) is quoted in a reason only as plain text: printable ASCII (RFC 6749 5.2 already limits
+# error_description to it) without the characters HTML or a quoted string read as syntax.
+_MARKUP = frozenset("<>&\"'\\`")
+_PLAIN = frozenset(chr(c) for c in range(0x20, 0x7F)) - _MARKUP
+
+
+def outside_text(value: str, limit: int = 200) -> str:
+    """`value` fit to quote in a reason: characters outside `_PLAIN` (markup, quotes, control
+    characters such as CR LF, non-ASCII) dropped, at most `limit` characters kept."""
+    kept = "".join(c for c in value if c in _PLAIN).strip()
+    return kept if len(kept) <= limit else kept[:limit] + "..."

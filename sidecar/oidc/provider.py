@@ -20,7 +20,7 @@ import aiohttp
 from joserfc.jwk import KeySet
 
 from sidecar.config import OIDCConfig, ProviderConfig
-from sidecar.errors import BadRequest, ProviderError
+from sidecar.errors import BadRequest, ProviderError, outside_text
 from sidecar.oidc.algorithms import ASYMMETRIC_ALGORITHMS, DEFAULT_ALGORITHMS
 from sidecar.oidc.tokens import (
     TokenError,
@@ -58,6 +58,8 @@ class ProviderMetadata:
     id_token_signing_alg_values_supported: tuple[str, ...]
     token_endpoint_auth_methods_supported: tuple[str, ...]
     code_challenge_methods_supported: tuple[str, ...]
+    # RFC 9207 3: the provider puts `iss` in every authorization response; absent means false.
+    authorization_response_iss_parameter_supported: bool
     raw: Mapping[str, Any] = field(repr=False)
 
 
@@ -102,6 +104,14 @@ def _str_list(doc: Mapping[str, Any], name: str) -> tuple[str, ...]:
     return tuple(v for v in value if isinstance(v, str))
 
 
+def _flag(doc: Mapping[str, Any], name: str) -> bool:
+    value = doc.get(name, False)
+    # Security: a flag that turns a check on is never guessed from a non-boolean value.
+    if not isinstance(value, bool):
+        _fail(f"discovery document: {name} is not a boolean")
+    return value
+
+
 def parse_metadata(doc: Any, *, expected_issuer: str | None) -> ProviderMetadata:
     """Validate a discovery document; `expected_issuer` None skips the issuer check."""
     if not isinstance(doc, dict):
@@ -129,6 +139,9 @@ def parse_metadata(doc: Any, *, expected_issuer: str | None) -> ProviderMetadata
             doc, "token_endpoint_auth_methods_supported"
         ),
         code_challenge_methods_supported=_str_list(doc, "code_challenge_methods_supported"),
+        authorization_response_iss_parameter_supported=_flag(
+            doc, "authorization_response_iss_parameter_supported"
+        ),
         raw=doc,
     )
 
@@ -248,7 +261,7 @@ class Provider:
                 if resp.status != 200:
                     _fail(f"{what} answered HTTP {resp.status}")
                 if not _is_json(resp.content_type):
-                    _fail(f"{what} is not JSON ({resp.content_type})")
+                    _fail(f"{what} is not JSON ({outside_text(resp.content_type, 64)})")
                 # Security: bounded reads; a hostile or broken provider cannot fill our memory.
                 if resp.content_length is not None and resp.content_length > MAX_DOCUMENT_BYTES:
                     _fail(f"{what} is larger than {MAX_DOCUMENT_BYTES} bytes")

@@ -1,15 +1,18 @@
 """Sync Gateway's login endpoints: `/{db}/_oidc`, `_oidc_challenge`, `_oidc_callback`, `_refresh`.
 
 Safer than the original without breaking its clients: state is single-use and bound to the
-browser by a cookie, every request carries a nonce and a PKCE S256 challenge.
+browser by a cookie, every request carries a nonce and a PKCE S256 challenge, the callback
+checks the response's issuer (RFC 9207), and no answer leaks its URL through a Referer.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -19,7 +22,14 @@ from yarl import URL
 from sidecar import keys
 from sidecar.auth import login_user
 from sidecar.databases import Database
-from sidecar.errors import BadRequest, NotFound, ProviderError, Unauthorized
+from sidecar.errors import (
+    BadRequest,
+    NotFound,
+    ProviderError,
+    SidecarError,
+    Unauthorized,
+    outside_text,
+)
 from sidecar.oidc.client import LoginRequest, authorization_url, new_login, token_request
 from sidecar.oidc.provider import Provider, ProviderRegistry
 from sidecar.oidc.tokens import TokenError
@@ -138,21 +148,37 @@ def _digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
-def _clean(text: str, limit: int = 200) -> str:
-    """Provider-sent text echoed in a reason: printable characters only, bounded."""
-    return "".join(c for c in text[:limit] if c.isprintable())
+ISS_MISSING = "OIDC Auth Failure: the provider's response has no iss (RFC 9207)"
+ISS_MISMATCH = "OIDC Auth Failure: iss does not match the provider's issuer"
+
+
+async def _check_issuer(request: web.Request, provider: Provider) -> None:
+    """RFC 9207 2.4: an authorization response that names its issuer must name this provider
+    (exact string comparison), else it is a mix-up; a provider that advertises
+    `authorization_response_iss_parameter_supported` must name it. Checked before the state is
+    taken and the code redeemed, so a refused response costs the login nothing."""
+    iss = _param(request, "iss")
+    meta = await provider.ensure_metadata()
+    if iss is None and not meta.authorization_response_iss_parameter_supported:
+        return
+    # The configured issuer, or the metadata's own when discovery_url or
+    # disable_cfg_validation let the two differ: both name this provider and no other.
+    if iss is None or iss not in (provider.config.issuer, meta.issuer):
+        request.app[keys.METRICS].logins.labels(provider.name, "login", "issuer_mismatch").inc()
+        raise BadRequest(ISS_MISSING if iss is None else ISS_MISMATCH)  # never echoes iss
 
 
 async def oidc_callback(request: web.Request) -> web.StreamResponse:
     db, registry = _registry(request)
-    # Sync Gateway's order of checks: error, code, provider, state.
+    # Sync Gateway's order of checks: error, code, provider, state; then RFC 9207's iss.
     error = _param(request, "error")
     if error is not None:
         description = _param(request, "error_description") or error
-        request.app[keys.METRICS].logins.labels(
-            _param(request, "provider") or "-", "login", "provider_error"
-        ).inc()
-        raise Unauthorized(f"oidc callback received an error: {_clean(description)}")
+        name = _param(request, "provider")
+        # A configured name only: a metric label never takes a caller's text.
+        label = name if name in {p.name for p in registry} else "-"
+        request.app[keys.METRICS].logins.labels(label, "login", "provider_error").inc()
+        raise Unauthorized(f"oidc callback received an error: {outside_text(description)}")
     code = _param(request, "code")
     if not code:
         raise BadRequest("Code must be present on oidc callback")
@@ -160,6 +186,7 @@ async def oidc_callback(request: web.Request) -> web.StreamResponse:
         provider = _provider(registry, _param(request, "provider"))
     except BadRequest:
         raise BadRequest("Unable to identify provider for callback request") from None
+    await _check_issuer(request, provider)
     state = _param(request, "state")
     if not provider.config.disable_callback_state:
         cookie = request.cookies.get(STATE_COOKIE)
@@ -271,7 +298,9 @@ async def _validate(
             "provider sent an ID token that failed validation",
             extra={"provider": provider.name, "reason": exc.code},
         )
-        raise Unauthorized(f"Invalid ID token from provider: {exc.reason}") from None
+        # Security: a reason may quote the token's own header (alg, typ, kid).
+        reason = outside_text(exc.reason)
+        raise Unauthorized(f"Invalid ID token from provider: {reason}") from None
     return claims
 
 
@@ -303,10 +332,40 @@ async def _session_answer(
     return response
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+NO_REFERRER = {"Referrer-Policy": "no-referrer"}
+
+
+def no_referrer(handler: Handler) -> Handler:
+    """`handler` whose every answer, refusals included, carries `Referrer-Policy: no-referrer`.
+
+    Security: the callback's URL holds the code and state, the refresh URL a refresh token;
+    a page or redirect reached from there must not send that URL on as a Referer."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except (SidecarError, web.HTTPException) as exc:  # answered by `observe` / aiohttp
+            exc.headers.update(NO_REFERRER)
+            raise
+        response.headers.update(NO_REFERRER)
+        return response
+
+    return wrapped
+
+
+def without_referrer(defs: list[web.RouteDef]) -> list[web.RouteDef]:
+    """Route definitions wrapped in `no_referrer` (the `_oidc*` and `_oidc_testing` routes)."""
+    return [web.route(d.method, d.path, no_referrer(d.handler), **d.kwargs) for d in defs]
+
+
 def routes() -> list[web.RouteDef]:
-    return [
-        web.get("/{db}/_oidc", oidc),
-        web.get("/{db}/_oidc_challenge", oidc_challenge),
-        web.get("/{db}/_oidc_callback", oidc_callback),
-        web.get("/{db}/_oidc_refresh", oidc_refresh),
-    ]
+    return without_referrer(
+        [
+            web.get("/{db}/_oidc", oidc),
+            web.get("/{db}/_oidc_challenge", oidc_challenge),
+            web.get("/{db}/_oidc_callback", oidc_callback),
+            web.get("/{db}/_oidc_refresh", oidc_refresh),
+        ]
+    )

@@ -406,6 +406,7 @@ class TestProvider:
                 ],
                 "code_challenge_methods_supported": ["S256"],
                 "grant_types_supported": ["authorization_code", "refresh_token"],
+                "authorization_response_iss_parameter_supported": True,  # RFC 9207
             },
             headers={"Cache-Control": "max-age=60"},
         )
@@ -454,6 +455,7 @@ class TestProvider:
             raise _sg_error(error) from None
         if auth.state is not None:
             answer["state"] = auth.state
+        answer["iss"] = issuer  # RFC 9207 2: on success and error answers alike
         location = URL(auth.redirect_uri).update_query(answer)
         return web.Response(status=302, headers={**_NO_STORE, "Location": str(location)})
 
