@@ -173,12 +173,13 @@ async def oidc_callback(request: web.Request) -> web.StreamResponse:
     # Sync Gateway's order of checks: error, code, provider, state; then RFC 9207's iss.
     error = _param(request, "error")
     if error is not None:
-        description = _param(request, "error_description") or error
+        given = _param(request, "error_description") or ""
+        description = outside_text(given) or outside_text(error, limit=64) or "-"
         name = _param(request, "provider")
         # A configured name only: a metric label never takes a caller's text.
         label = name if name in {p.name for p in registry} else "-"
         request.app[keys.METRICS].logins.labels(label, "login", "provider_error").inc()
-        raise Unauthorized(f"oidc callback received an error: {outside_text(description)}")
+        raise Unauthorized(f"oidc callback received an error: {description}")
     code = _param(request, "code")
     if not code:
         raise BadRequest("Code must be present on oidc callback")
