@@ -11,8 +11,9 @@ from aiohttp import web
 
 from sidecar import keys
 from sidecar.databases import Database
-from sidecar.errors import BadRequest, NotFound
+from sidecar.errors import BadRequest, NotFound, outside_text
 from sidecar.sessions.models import Session, User
+from sidecar.sessions.routes import session_body
 from sidecar.sessions.store import SessionStore, is_well_formed_session_id
 from sidecar.streams import read_json_object
 
@@ -70,7 +71,9 @@ async def put_user(request: web.Request) -> web.Response:
         raise BadRequest("passwords are not supported: users log in with OpenID Connect")
     unknown = set(body) - USER_FIELDS - READ_ONLY
     if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+        # Security: the caller's own keys, quoted as plain text only.
+        names = ", ".join(outside_text(str(k), limit=64) for k in sorted(unknown))
+        raise BadRequest(f"unknown field(s): {names}")
     if body.get("name", name) != name:
         raise BadRequest("name in body does not match the URL")
     email = body.get("email")
@@ -128,8 +131,9 @@ async def delete_user_sessions(request: web.Request) -> web.Response:
     return web.json_response({"ok": True, "revoked": count})
 
 
-def session_json(session: Session, db: Database) -> dict[str, Any]:
-    return {
+def session_json(session: Session, session_id: str, db: Database) -> dict[str, Any]:
+    """Sync Gateway's session body (the public `GET /{db}/_session`'s), with our fields beside."""
+    return session_body(session.to_identity(session_id)) | {
         "name": session.name,
         "expires": rfc3339(session.expires),
         "ttl": session.ttl,
@@ -150,9 +154,9 @@ async def post_session(request: web.Request) -> web.Response:
         raise BadRequest("ttl must be whole seconds between 60 and 31536000")
     user = await store.get_user(db.name, name)
     if user is None:
-        raise NotFound(f"no such user {name!r}")
+        raise NotFound(f"no such user {outside_text(name, limit=64)!r}")
     if user.disabled:
-        raise BadRequest(f"user {name!r} is disabled")
+        raise BadRequest(f"user {outside_text(name, limit=64)!r} is disabled")
     session_id, session = await store.create_session(user, ttl=ttl, provider=None, now=time.time())
     request.app[keys.PUBLIC_APP][keys.METRICS].sessions_created.labels("admin").inc()
     return web.json_response(
@@ -173,10 +177,11 @@ def _session_id(request: web.Request) -> str:
 
 async def get_session(request: web.Request) -> web.Response:
     db, store = _db(request)
-    session = await store.get_session(db.name, _session_id(request), time.time())
+    session_id = _session_id(request)
+    session = await store.get_session(db.name, session_id, time.time())
     if session is None:
         raise NotFound("missing")
-    return web.json_response(session_json(session, db))
+    return web.json_response(session_json(session, session_id, db))
 
 
 async def delete_session(request: web.Request) -> web.Response:
