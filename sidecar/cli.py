@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from sidecar import keys
+from sidecar.admin_auth import exposure_warning
 from sidecar.config import ConfigError, Settings, load_settings
 from sidecar.observability import setup_logging
 
@@ -138,10 +139,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = _load(args.config)
     if settings is None:
         return 2
+    exposed = exposure_warning(settings)
     if args.command == "check-config":
+        if exposed:
+            print(f"warning: {exposed}", file=sys.stderr)
         print(f"{args.config}: ok ({len(settings.databases)} database(s))")
         return 0
     setup_logging(settings.logging.format, settings.logging.level)
+    if exposed:
+        log.warning(exposed)
     if settings.unsupported.oidc_test_provider.enabled:
         log.warning(
             "THE BUILT-IN TEST PROVIDER IS ENABLED: anyone can log in as anyone. "

@@ -272,6 +272,38 @@ class TimeoutsConfig(Model):
     provider: float = Field(default=10.0, gt=0)
 
 
+AdminPath = Literal["/_metrics", "/_health", "/_ready"]
+ADMIN_OPEN_PATHS: tuple[AdminPath, ...] = ("/_metrics", "/_health", "/_ready")
+# RFC 6750 2.1 b64token: what a client can send after `Bearer ` as is.
+BEARER_TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
+
+
+class AdminAuthConfig(Model):
+    """Authentication for the admin listener: HTTP Basic (username + password) and/or a bearer
+    secret. Without this block the admin API is open to whoever reaches its port."""
+
+    username: str | None = None
+    password: Secret | None = None
+    bearer_token: Secret | None = None
+    # Paths answered without credentials (Prometheus, kubelet probes); any of ADMIN_OPEN_PATHS.
+    open_paths: tuple[AdminPath, ...] = ADMIN_OPEN_PATHS
+
+    @field_validator("username")
+    @classmethod
+    def _username(cls, value: str | None) -> str | None:
+        # RFC 7617 2: the user-id cannot contain a colon; control characters cannot be typed.
+        if value is not None and (not value or ":" in value or not value.isprintable()):
+            raise ValueError("must be non-empty, printable and without ':'")
+        return value
+
+    @field_validator("bearer_token")
+    @classmethod
+    def _bearer(cls, value: Secret | None) -> Secret | None:
+        if value is not None and not BEARER_TOKEN.match(value.get()):  # never echoes the value
+            raise ValueError("must be RFC 6750 token characters (A-Z a-z 0-9 -._~+/ then =)")
+        return value
+
+
 def _listen(value: str) -> str:
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
@@ -297,6 +329,7 @@ class Settings(Model):
     timeouts: TimeoutsConfig = TimeoutsConfig()
     unsupported: UnsupportedConfig = UnsupportedConfig()
     logging: LoggingConfig = LoggingConfig()
+    admin_auth: AdminAuthConfig | None = None  # None: the admin listener asks no credentials
     shutdown_grace_seconds: float = Field(default=25.0, ge=0, le=3600)
     max_body_bytes: int | None = Field(default=None, ge=0)  # None: unlimited, streamed
     demo_upstream: bool = False  # serve a small built-in upstream (for `make run`)
@@ -368,7 +401,7 @@ def _messages(exc: ValidationError) -> list[str]:
 def cross_checks(data: Mapping[str, Any]) -> list[str]:
     """Rules that span keys, run on the raw document so they are reported even when other
     fields are invalid too (pydantic skips a model's own validators once a field failed)."""
-    problems: list[str] = []
+    problems: list[str] = _admin_auth_checks(data.get("admin_auth"))
     databases = data.get("databases")
     if not isinstance(databases, Mapping):
         return problems
@@ -395,6 +428,19 @@ def cross_checks(data: Mapping[str, Any]) -> list[str]:
         if default is not None and default not in names:
             problems.append(f"{path}.oidc.default_provider: {default!r} is not in providers")
     return problems
+
+
+def _admin_auth_checks(auth: Any) -> list[str]:
+    if not isinstance(auth, Mapping):
+        return []
+    user, password = auth.get("username") is not None, auth.get("password") is not None
+    if user and not password:
+        return ["admin_auth.password: required when username is set"]
+    if password and not user:
+        return ["admin_auth.username: required when password is set"]
+    if not user and auth.get("bearer_token") is None:
+        return ["admin_auth: needs username and password, or bearer_token, or both"]
+    return []
 
 
 def parse_settings(data: Any) -> Settings:
