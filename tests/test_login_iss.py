@@ -405,3 +405,20 @@ async def test_every_oidc_answer_has_referrer_policy_no_referrer(harness: LoginH
         check("authenticate", posted)
     statuses = {status for _, status in seen}
     assert statuses >= {200, 302, 400, 401, 404, 405}, seen
+
+
+@pytest.mark.parametrize(
+    ("pairs", "reason"),
+    [
+        ([("<script>", "a"), ("<script>", "b")], "parameter 'script' repeated"),
+        ([("a\r\nb", "x" * 5000)], "parameter 'ab' is too long"),
+        ([("k" * 100 + "<", "x" * 5000)], "parameter '" + "k" * 64 + "...' is too long"),
+        ([('"\u00e9', object())], "parameter '' is not text"),
+    ],
+)
+def test_builtin_provider_quotes_parameter_names_plainly(pairs: Any, reason: str) -> None:
+    from sidecar.oidc.test_provider import _Refused, single_valued
+
+    with pytest.raises(_Refused) as refused:
+        single_valued(pairs)
+    assert refused.value.body["reason"] == reason

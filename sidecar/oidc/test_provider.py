@@ -25,7 +25,13 @@ from joserfc import jwt
 from joserfc.jwk import RSAKey
 from yarl import URL
 
-from sidecar.errors import BadRequest, MethodNotAllowed, PayloadTooLarge, SidecarError
+from sidecar.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    SidecarError,
+    outside_text,
+)
 
 DEFAULT_TOKEN_TTL = 3600
 MAX_TOKEN_TTL = 7 * 24 * 3600
@@ -128,14 +134,15 @@ def single_valued(pairs: Iterable[tuple[str, Any]]) -> dict[str, str]:
     sizes are bounded; non-text values (multipart files) are refused."""
     params: dict[str, str] = {}
     for count, (key, value) in enumerate(pairs, start=1):
+        named = outside_text(key, limit=64)  # security: the caller's text, quoted plainly
         if count > MAX_PARAMS:
             raise _sg_error(BadRequest("too many parameters"))
         if not isinstance(value, str):
-            raise _sg_error(BadRequest(f"parameter {key[:64]!r} is not text"))
+            raise _sg_error(BadRequest(f"parameter {named!r} is not text"))
         if len(key) > 64 or len(value) > MAX_VALUE:
-            raise _sg_error(BadRequest(f"parameter {key[:64]!r} is too long"))
+            raise _sg_error(BadRequest(f"parameter {named!r} is too long"))
         if key in params:
-            raise _sg_error(BadRequest(f"parameter {key!r} repeated"))
+            raise _sg_error(BadRequest(f"parameter {named!r} repeated"))
         params[key] = value
     return params
 
