@@ -46,9 +46,9 @@ def test_parse_metadata_reads_the_iss_flag() -> None:
         meta = parse_metadata(base | {flag: value}, expected_issuer="https://op")
         assert getattr(meta, flag) is expected
     # Fail closed: a flag that turns a check on is never guessed from a non-boolean.
-    for value in ("true", 1, None, [True]):
+    for bad in ("true", 1, None, [True]):
         with pytest.raises(ProviderError, match=f"{flag} is not a boolean"):
-            parse_metadata(base | {flag: value}, expected_issuer="https://op")
+            parse_metadata(base | {flag: bad}, expected_issuer="https://op")
 
 
 # (how the genuine iss becomes the case's; None: drop it) → expected status, reason
