@@ -93,8 +93,7 @@ async def test_a_refused_iss_redeems_no_code(harness: LoginHarness) -> None:
                 headers={"Cookie": f"{SESSION_COOKIE}={genuine.body['session_id']}"},
             )
             assert deleted.status == 200
-    # Nothing in a reason ever echoes the iss that was sent.
-    assert harness.upstream.requests == []
+    assert harness.upstream.requests == []  # no refused response reached the upstream
 
 
 class _Form(HTMLParser):

@@ -170,7 +170,7 @@ async def _check_issuer(request: web.Request, provider: Provider) -> None:
 
 async def oidc_callback(request: web.Request) -> web.StreamResponse:
     db, registry = _registry(request)
-    # Sync Gateway's order of checks: error, code, provider, state; then RFC 9207's iss.
+    # Sync Gateway's order of checks: error, code, provider, state; RFC 9207's iss before state.
     error = _param(request, "error")
     if error is not None:
         given = _param(request, "error_description") or ""
