@@ -120,7 +120,7 @@ async def single_flight(
     while True:
         record = await store.get_record(f"{kind}-outcome", key)
         outcome = None if record is None else unseal(kind, secret, record)
-        if outcome is not None and ("ok" in outcome or record_flight(record) == waited_for):
+        if outcome is not None and ("ok" in outcome or _record_flight(record) == waited_for):
             return _result(outcome)
         taken, holder = await store.acquire_lock(kind, key, lock_seconds)
         if taken:
@@ -145,7 +145,7 @@ def _finished(flight: asyncio.Task[dict[str, Any]]) -> None:
         flight.exception()  # retrieved: its caller may be gone; the waiters got it from the store
 
 
-def record_flight(record: Mapping[str, Any] | None) -> str | None:
+def _record_flight(record: Mapping[str, Any] | None) -> str | None:
     flight = None if record is None else record.get("flight")
     return flight if isinstance(flight, str) else None
 
