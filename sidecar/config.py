@@ -137,6 +137,10 @@ class ProviderConfig(Model):
     # Extra audiences besides client_id that a token may carry (RFC 7519 aud); empty = none.
     trusted_audiences: tuple[str, ...] = ()
     allowed_algorithms: tuple[str, ...] | None = None
+    # The JWKS is fetched again at least this often (and when its Cache-Control max-age runs
+    # out, never more often than every 30 s): a key the provider retired stops being accepted
+    # within this many seconds even when no token with an unknown kid arrives.
+    jwks_refresh_seconds: int = Field(default=300, ge=30, le=86400)
 
     @field_validator("issuer", "discovery_url", "callback_url")
     @classmethod

@@ -238,6 +238,15 @@ class LoginHarness:
             return await read_answer(response)
 
 
+async def forget_refresh_outcome(harness: LoginHarness, refresh_token: str) -> None:
+    """Ends now the seconds-long window in which a refresh token already used answers with the
+    same shared outcome (single_flight.OUTCOME_SECONDS), as its TTL would by itself."""
+    from sidecar.oidc.single_flight import digest
+
+    key = f"sidecar:r:refresh-outcome:{digest(refresh_token)}"
+    await asyncio.to_thread(harness.redis.command, "DEL", key)
+
+
 @pytest.fixture
 async def fresh_redis() -> AsyncIterator[RedisServer]:
     """A redis-server of this test's own: users and sessions never leak between tests."""

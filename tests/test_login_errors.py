@@ -19,7 +19,7 @@ from urllib.parse import unquote_plus
 import aiohttp
 import pytest
 from aiohttp import web
-from conftest import DB, Answer, LoginHarness, browser
+from conftest import DB, Answer, LoginHarness, browser, forget_refresh_outcome
 from support import jwt_factory
 from support.jwt_factory import SigningKey
 from support.op import OpenIDProvider
@@ -420,6 +420,7 @@ async def test_refresh_refusals(harness: LoginHarness, caplog: pytest.LogCapture
             plain, f"{harness.url}/{DB}/_oidc_refresh", params={"refresh_token": token}
         )
         assert good.status == 200, good.text
+        await forget_refresh_outcome(harness, token)
         spent = await harness.get(
             plain, f"{harness.url}/{DB}/_oidc_refresh", params={"refresh_token": token}
         )

@@ -474,6 +474,33 @@ async def test_records(store: SessionStore) -> None:
     assert await store.get_record("login", "k1") is None
 
 
+async def test_locks(store: SessionStore) -> None:
+    taken, mine = await store.acquire_lock("refresh", "d1", 30)
+    assert taken and mine
+    # Everyone else is told who holds it, however many ask at once.
+    others = await asyncio.gather(*(store.acquire_lock("refresh", "d1", 30) for _ in range(10)))
+    assert others == [(False, mine)] * 10
+    assert (await store.acquire_lock("refresh", "d2", 30))[0]  # another key is another lock
+    assert (await store.acquire_lock("login", "d1", 30))[0]  # so is another kind
+    assert await store.release_lock("refresh", "d1", "not-the-holder") is False
+    assert (await store.acquire_lock("refresh", "d1", 30)) == (False, mine)
+    assert await store.release_lock("refresh", "d1", mine) is True
+    assert await store.release_lock("refresh", "d1", mine) is False  # already released
+    again, theirs = await store.acquire_lock("refresh", "d1", 30)
+    assert again and theirs != mine
+
+
+async def test_a_lock_ends_by_itself(store: SessionStore) -> None:
+    taken, first = await store.acquire_lock("refresh", "d", 0.2)
+    assert taken
+    await asyncio.sleep(0.3)  # the holder crashed: nobody waits past its ttl
+    taken, second = await store.acquire_lock("refresh", "d", 30)
+    assert taken and second != first
+    # The first holder, back late, cannot release the lock someone else holds now.
+    assert await store.release_lock("refresh", "d", first) is False
+    assert await store.acquire_lock("refresh", "d", 30) == (False, second)
+
+
 async def test_concurrent_gets_extend_once(store: SessionStore) -> None:
     session_id, _ = await login(store)
     results = await asyncio.gather(*(store.get_session(DB, session_id, T + 500) for _ in range(20)))
@@ -526,6 +553,15 @@ def store_commands(server: RedisServer, before: dict[str, int]) -> dict[str, int
         for name, calls in after.items()
         if name not in BACKGROUND and calls != before.get(name, 0)
     }
+
+
+async def test_replicas_share_locks(replicas: tuple[RedisStore, RedisStore]) -> None:
+    a, b = replicas
+    taken, token = await a.acquire_lock("refresh", "d", 30)
+    assert taken
+    assert await b.acquire_lock("refresh", "d", 30) == (False, token)
+    assert await b.release_lock("refresh", "d", token) is True  # the token, not the replica
+    assert (await b.acquire_lock("refresh", "d", 30))[0]
 
 
 async def test_replicas_share_sessions(replicas: tuple[RedisStore, RedisStore]) -> None:

@@ -32,6 +32,7 @@ from sidecar.errors import (
 )
 from sidecar.oidc.client import LoginRequest, authorization_url, new_login, token_request
 from sidecar.oidc.provider import Provider, ProviderRegistry
+from sidecar.oidc.single_flight import single_flight
 from sidecar.oidc.tokens import TokenError
 from sidecar.sessions.cookies import secure_cookies, set_session_cookie
 from sidecar.sessions.models import User
@@ -41,6 +42,8 @@ log = logging.getLogger("sidecar.oidc")
 STATE_COOKIE = "sg-oidc-state"
 STATE_TTL = 300  # seconds a login may take, as Sync Gateway's state cookie
 REFRESH_BINDING_TTL = 90 * 86400
+# What a refresh shares with concurrent callers of the same token (sealed, seconds-long).
+REFRESH_SHARED = ("id_token", "refresh_token", "access_token", "token_type", "expires_in")
 MAX_PARAM = 4096
 
 
@@ -242,21 +245,38 @@ async def oidc_refresh(request: web.Request) -> web.StreamResponse:
     if binding is None or binding.get("db") != db.name or binding.get("provider") != provider.name:
         request.app[keys.METRICS].logins.labels(provider.name, "refresh", "unknown_token").inc()
         raise Unauthorized("Unable to refresh token: unknown refresh token")
-    tokens = await _grant(
-        request, provider, "refresh", "refresh_token", refresh_token=refresh_token
+
+    async def refresh_grant() -> dict[str, Any]:
+        tokens = await _grant(
+            request, provider, "refresh", "refresh_token", refresh_token=refresh_token
+        )
+        claims = await _validate(request, provider, tokens["id_token"], nonce=None)
+        # OIDC Core 12.2: a refreshed ID token keeps the original iss and sub.
+        if claims["iss"] != binding["iss"] or claims["sub"] != binding["sub"]:
+            request.app[keys.METRICS].logins.labels(
+                provider.name, "refresh", "subject_changed"
+            ).inc()
+            raise Unauthorized("Unable to refresh token: the provider changed the token's subject")
+        new_refresh = tokens.get("refresh_token")
+        if isinstance(new_refresh, str) and new_refresh and new_refresh != refresh_token:
+            await store.put_record("refresh", _digest(new_refresh), binding, REFRESH_BINDING_TTL)
+        return {k: tokens[k] for k in REFRESH_SHARED if k in tokens}
+
+    # One provider call per refresh token, whichever replicas its concurrent callers reach;
+    # each caller still gets a session of its own.
+    provider_timeout = request.app[keys.SETTINGS].timeouts.provider
+    tokens = await single_flight(
+        store, "refresh", refresh_token, refresh_grant, lock_seconds=2 * provider_timeout + 5
     )
-    claims = await _validate(request, provider, tokens["id_token"], nonce=None)
-    # OIDC Core 12.2: a refreshed ID token keeps the original iss and sub.
-    if claims["iss"] != binding["iss"] or claims["sub"] != binding["sub"]:
-        request.app[keys.METRICS].logins.labels(provider.name, "refresh", "subject_changed").inc()
-        raise Unauthorized("Unable to refresh token: the provider changed the token's subject")
-    new_refresh = tokens.get("refresh_token")
-    if isinstance(new_refresh, str) and new_refresh and new_refresh != refresh_token:
-        await store.put_record("refresh", _digest(new_refresh), binding, REFRESH_BINDING_TTL)
+    claims = await _validate(request, provider, tokens["id_token"], nonce=None)  # cached
     user = await login_user(store, db, provider.name, provider.config, claims)
-    return await _session_answer(
-        request, db, provider, user, tokens, {"id_token": tokens["id_token"]}
-    )
+    body: dict[str, Any] = {"id_token": tokens["id_token"]}
+    new_refresh = tokens.get("refresh_token")
+    # The provider rotated the token: the client must get the new one. Couchbase Lite keeps
+    # its old token when the field is absent (Sync Gateway never sends it), so this adds to it.
+    if isinstance(new_refresh, str) and new_refresh and new_refresh != refresh_token:
+        body["refresh_token"] = new_refresh
+    return await _session_answer(request, db, provider, user, tokens, body)
 
 
 async def _grant(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -31,6 +32,7 @@ class MemoryStore(SessionStore):
         self._index: dict[UserId, set[str]] = {}
         self._users: dict[UserId, User] = {}
         self._records: dict[tuple[str, str], tuple[bytes, float]] = {}
+        self._locks: dict[tuple[str, str], tuple[str, float]] = {}  # -> (token, deadline)
         self._sweep_seconds = sweep_seconds
         self._sweeper: asyncio.Task[None] | None = None
         self._set_listening(True)  # no remote writers: nothing can be missed
@@ -63,6 +65,9 @@ class MemoryStore(SessionStore):
         for name, (_, deadline) in list(self._records.items()):
             if deadline <= now:
                 del self._records[name]
+        for lock, (_, deadline) in list(self._locks.items()):
+            if deadline <= now:
+                del self._locks[lock]
 
     def _drop(self, db: str, name: str, key: str) -> None:
         self._sessions.pop(key, None)
@@ -130,6 +135,22 @@ class MemoryStore(SessionStore):
         record = await self.get_record(kind, key)
         self._records.pop((kind, key), None)
         return record
+
+    async def acquire_lock(self, kind: str, key: str, ttl: float) -> tuple[bool, str]:
+        now = time.monotonic()
+        held = self._locks.get((kind, key))
+        if held is not None and held[1] > now:
+            return False, held[0]
+        token = secrets.token_urlsafe(16)
+        self._locks[(kind, key)] = (token, now + ttl)
+        return True, token
+
+    async def release_lock(self, kind: str, key: str, token: str) -> bool:
+        held = self._locks.get((kind, key))
+        if held is None or held[0] != token:
+            return False
+        del self._locks[(kind, key)]
+        return held[1] > time.monotonic()
 
     async def _publish(self, event: StoreEvent) -> None:
         """Nobody else to tell: `_emit` already delivered it here."""

@@ -31,6 +31,10 @@ _FAILURES = (RedisError, RedisClusterException, OSError)
 _WATCH_ATTEMPTS = 5
 _NO_RETRY = Retry(NoBackoff(), 0)
 _BACKOFF_MIN, _BACKOFF_MAX = 0.1, 2.0  # pub/sub reconnection, seconds
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,6 +452,30 @@ class RedisStore(SessionStore):
         with self._unavailable():
             raw = await self._redis.getdel(self._record_key(kind, key))  # atomic: single use
         return None if raw is None else _record(raw)
+
+    def _lock_key(self, kind: str, key: str) -> str:
+        return f"{self._prefix}l:{kind}:{key}"
+
+    async def acquire_lock(self, kind: str, key: str, ttl: float) -> tuple[bool, str]:
+        token = secrets.token_urlsafe(16)
+        ms = max(1, round(ttl * 1000))
+        with self._unavailable():
+            # SET NX GET (Redis >= 7.0), atomic: sets it and answers nil, or names the holder.
+            holder = await self._redis.set(
+                self._lock_key(kind, key), token, nx=True, px=ms, get=True
+            )
+        if holder is None:
+            return True, token
+        if not isinstance(holder, bytes | str):
+            raise StoreUnavailable()
+        return False, _text(holder)
+
+    async def release_lock(self, kind: str, key: str, token: str) -> bool:
+        with self._unavailable():
+            # Compare and delete in one step: a lock that expired and was taken by another
+            # caller meanwhile is theirs now.
+            released = await self._redis.eval(_RELEASE_LOCK, 1, self._lock_key(kind, key), token)
+        return bool(released)
 
     async def _publish(self, event: StoreEvent) -> None:
         payload = {

@@ -312,6 +312,19 @@ class SessionStore(ABC):
     async def take_record(self, kind: str, key: str) -> dict[str, Any] | None:
         """Get and delete atomically: a record taken on one replica is gone for all."""
 
+    # -- short locks (one replica does a piece of work, the others wait for its outcome) -----
+
+    @abstractmethod
+    async def acquire_lock(self, kind: str, key: str, ttl: float) -> tuple[bool, str]:
+        """Take the lock (kind, key) for `ttl` seconds unless it is held, on every replica:
+        (True, our token) or (False, the holder's token). `key` should be a digest, as for
+        records. The lock ends by itself after `ttl`, so a crashed holder blocks nobody long."""
+
+    @abstractmethod
+    async def release_lock(self, kind: str, key: str, token: str) -> bool:
+        """Release the lock if `token` still holds it (never one that expired and was taken
+        again by someone else); True when it did."""
+
     # -- events -----------------------------------------------------------------------------
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:

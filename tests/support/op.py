@@ -186,6 +186,16 @@ class OpenIDProvider:
         except urllib.error.HTTPError as error:
             raise OPError(f"client registration failed: {error.code} {error.read()!r}") from None
 
+    def grant_counts(self, client_id: str) -> dict[str, dict[str, int]]:
+        """Token requests the client made: {grant_type: {"success": n, "error": n}}."""
+        request = urllib.request.Request(
+            f"{self.issuer}/_test/grants?client_id={quote(client_id, safe='')}",
+            headers={"Authorization": f"Bearer {self._registration_token}"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            counts: dict[str, dict[str, int]] = json.load(response)
+        return counts
+
     def _read_port(self, deadline: float) -> int:
         process = self._process
         assert process is not None and process.stdout is not None

@@ -19,6 +19,9 @@
 //            for callers presenting it as a Bearer token, and it honours the client_id and
 //            client_secret in the request body, so a test can add a client whose redirect_uri is
 //            only known once its sidecar is listening.
+//            With it, GET /_test/grants?client_id=ID (same Bearer token) answers how many token
+//            requests that client made, by grant type and outcome:
+//            {"refresh_token": {"success": 1, "error": 0}, ...}, so tests count provider calls.
 //
 // Behaviour worth knowing:
 //   - Any username logs in (the password is not checked): sub = username.
@@ -189,6 +192,29 @@ function exitWhenOrphaned(server) {
   }
 }
 
+// client_id -> grant_type -> {success, error}: every token endpoint request, counted.
+function countGrants(provider) {
+  const grants = {};
+  const count = (ctx, outcome) => {
+    const client = ctx.oidc?.client?.clientId ?? '-';
+    const type = ctx.oidc?.params?.grant_type ?? '-';
+    grants[client] ??= {};
+    grants[client][type] ??= { success: 0, error: 0 };
+    grants[client][type][outcome] += 1;
+  };
+  provider.on('grant.success', (ctx) => count(ctx, 'success'));
+  provider.on('grant.error', (ctx) => count(ctx, 'error'));
+  return grants;
+}
+
+function answerGrants(req, res, grants, token) {
+  const url = new URL(req.url, 'http://127.0.0.1');
+  const authorized = req.headers.authorization === `Bearer ${token}`;
+  res.statusCode = authorized ? 200 : 401;
+  res.setHeader('Content-Type', 'application/json');
+  res.end(JSON.stringify(authorized ? grants[url.searchParams.get('client_id')] ?? {} : {}));
+}
+
 async function main() {
   const { port, config } = readOptions();
   let handler = (_req, res) => {
@@ -205,7 +231,14 @@ async function main() {
   const actualPort = server.address().port;
   const issuer = `http://127.0.0.1:${actualPort}`;
   const provider = new Provider(issuer, providerConfiguration(config));
-  handler = provider.callback();
+  const grants = countGrants(provider);
+  const callback = provider.callback();
+  handler = (req, res) => {
+    if (config.registration_token && req.url.startsWith('/_test/grants?')) {
+      return answerGrants(req, res, grants, String(config.registration_token));
+    }
+    return callback(req, res);
+  };
   process.stdout.write(`${JSON.stringify({ issuer, port: actualPort })}\n`);
 }
 
