@@ -46,7 +46,9 @@ def request_view(request: web.Request) -> ClientView:
         request.headers,
         request.forwarded if "Forwarded" in request.headers else (),
         https=request.scheme == "https",
-        host=request.host,
+        # The Host header itself: aiohttp's request.host would resolve our own name (a
+        # blocking DNS lookup) for a request without one.
+        host=request.headers.get("Host"),
         peer=request.remote,
         trusted_networks=request.app[keys.TRUSTED_NETWORKS],
     )
