@@ -365,10 +365,18 @@ async def test_session_answers_are_never_stored(env: Env) -> None:
         ("no-store", "no-store"),
         ("public, no-store", "public, no-store"),  # no-store already wins over everything
         ("max-age=0", "private, max-age=0"),
+        ('no-cache="Set-Cookie, public', "no-store"),  # unbalanced quote: fail closed
+        ('no-cache="a\\"b", public', 'private, no-cache="a\\"b"'),  # escaped quote
+        ("public", "private"),
+        (" , public ,, ", "private"),
     ],
 )
 def test_private_cache_control(upstream_value: str | None, expected: str) -> None:
     assert private_cache_control([upstream_value] if upstream_value else []) == expected
+
+
+def test_private_cache_control_reads_every_header() -> None:
+    assert private_cache_control(["max-age=5", "public"]) == "private, max-age=5"
 
 
 async def test_an_upstream_answer_resending_the_cookie_becomes_private(

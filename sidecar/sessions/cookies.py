@@ -18,7 +18,8 @@ EXPIRED = "Thu, 01 Jan 1970 00:00:00 GMT"
 STATE_COOKIE = "sg-oidc-state"  # Sync Gateway's name for the login state
 NO_STORE = {"Cache-Control": "no-store"}  # for every answer that carries session data
 # One Cache-Control directive: anything up to a comma outside a quoted string.
-_DIRECTIVE = re.compile(r'(?:[^,"]|"(?:[^"\\]|\\.)*"?)+')
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
+_DIRECTIVE = re.compile(r'(?:[^,"]|"(?:[^"\\]|\\.)*")+')
 _SHARED_ONLY = frozenset({"public", "s-maxage", "proxy-revalidate", "private"})
 
 
@@ -57,7 +58,10 @@ def private_cache_control(values: list[str]) -> str:
     (RFC 9111 5.2.2.7 `private`). `public`, `s-maxage`, `proxy-revalidate` and any
     field-qualified `private="..."` go, `private` comes first; the browser's own directives
     (max-age, no-cache...) stay. An answer that is already `no-store` is left as it is."""
-    directives = [d.strip() for d in _DIRECTIVE.findall(", ".join(values)) if d.strip()]
+    text = ", ".join(values)
+    if '"' in _QUOTED.sub("", text):
+        return "no-store"  # Security: an unbalanced quote, which caches may read any way
+    directives = [d.strip() for d in _DIRECTIVE.findall(text) if d.strip()]
     names = [d.partition("=")[0].strip().lower() for d in directives]
     if "no-store" in names:
         return ", ".join(directives)
