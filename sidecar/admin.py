@@ -12,9 +12,10 @@ from aiohttp import web
 from sidecar import keys
 from sidecar.databases import Database
 from sidecar.errors import BadRequest, NotFound, outside_text
+from sidecar.sessions.cookies import NO_STORE
 from sidecar.sessions.models import Session, User
 from sidecar.sessions.routes import session_body
-from sidecar.sessions.store import SessionStore, is_well_formed_session_id
+from sidecar.sessions.store import SessionStore, hash_session_id, is_well_formed_session_id
 from sidecar.streams import read_json_object
 
 MAX_BODY = 64 * 1024
@@ -162,9 +163,10 @@ async def post_session(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "session_id": session_id,
-            "expires": rfc3339(session.expires),
+            "expires": rfc3339(session.expires),  # at most session.max_lifetime from now
             "cookie_name": db.cookie_name,
-        }
+        },
+        headers=NO_STORE,
     )
 
 
@@ -176,12 +178,13 @@ def _session_id(request: web.Request) -> str:
 
 
 async def get_session(request: web.Request) -> web.Response:
+    """Looking at a session is not using it: read from the store, never extended."""
     db, store = _db(request)
     session_id = _session_id(request)
-    session = await store.get_session(db.name, session_id, time.time())
+    session = await store.get_session_by_key(db.name, hash_session_id(session_id), time.time())
     if session is None:
         raise NotFound("missing")
-    return web.json_response(session_json(session, session_id, db))
+    return web.json_response(session_json(session, session_id, db), headers=NO_STORE)
 
 
 async def delete_session(request: web.Request) -> web.Response:

@@ -108,6 +108,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         store = create_store(
             settings.session_store.get() if settings.session_store else None,
             local_cache_seconds=settings.session.local_cache_seconds,
+            max_lifetime=settings.session.max_lifetime,
         )
         if settings.session_store is None:
             log.warning(

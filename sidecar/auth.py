@@ -102,7 +102,7 @@ async def identity_from_session(app: web.Application, db: Database, session_id: 
     if session is None:
         raise Unauthorized("Session Invalid")
     identity = session.to_identity(session_id)
-    if now - (session.expires - session.ttl) < COOKIE_REFRESH_WINDOW:
+    if now - session.last_renewed < COOKIE_REFRESH_WINDOW:
         identity = replace(identity, session_expires=session.expires)
     return identity
 

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -30,6 +31,8 @@ PROVIDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]*$")  # Sync Gateway: no 
 # Sync Gateway's database name rule: starts with a lowercase letter.
 DATABASE_NAME = re.compile(r"^[a-z][a-z0-9_$()+\-]*$")
 HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+SESSION_TTL = 86400  # idle TTL, seconds (Sync Gateway's default)
+SESSION_MAX_LIFETIME = 7 * 86400  # absolute session lifetime, seconds
 
 
 class ConfigError(Exception):
@@ -210,11 +213,30 @@ class SyncGatewayBridge(Model):
         return _http_url(value, what="admin_url")
 
 
+def _cors_origin(value: str) -> str:
+    from sidecar.sessions.origin import parse_origin
+
+    if value == "*":
+        # Security: a wildcard would let every web site use a visitor's cookie session.
+        raise ValueError("'*' is not allowed: it would let any site use a visitor's session")
+    if parse_origin(value) is None:
+        raise ValueError(f"{value!r} is not an origin (scheme://host[:port], nothing more)")
+    return value
+
+
+class CORSConfig(Model):
+    """Sync Gateway's CORS `origin` list: other sites' pages allowed to use a cookie session
+    (websockets, `_session` POST/DELETE) besides the sidecar's own origin."""
+
+    origin: tuple[Annotated[str, AfterValidator(_cors_origin)], ...] = ()
+
+
 class DatabaseConfig(Model):
     upstream: str | None = None  # overrides the global upstream for this database
     session_cookie_name: str = "SyncGatewaySession"
     oidc: OIDCConfig | None = None
     sync_gateway: SyncGatewayBridge | None = None
+    cors: CORSConfig = CORSConfig()
 
     @field_validator("upstream")
     @classmethod
@@ -251,7 +273,9 @@ class CouchDBProxyAuth(Model):
 
 
 class SessionConfig(Model):
-    ttl: int = Field(default=86400, ge=60, le=365 * 86400)  # idle TTL, seconds
+    ttl: int = Field(default=SESSION_TTL, ge=60, le=365 * 86400)  # idle TTL, seconds
+    # Absolute lifetime: no extension goes past created + max_lifetime (>= ttl, cross_checks).
+    max_lifetime: int = Field(default=SESSION_MAX_LIFETIME, ge=60, le=365 * 86400)
     cookie_secure: Literal["auto", "always", "never"] = "auto"
     # Sessions are cached locally for this long at most; invalidation via pub/sub is immediate.
     local_cache_seconds: float = Field(default=30.0, ge=0, le=300)
@@ -402,10 +426,23 @@ def _messages(exc: ValidationError) -> list[str]:
     return problems
 
 
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def cross_checks(data: Mapping[str, Any]) -> list[str]:
     """Rules that span keys, run on the raw document so they are reported even when other
     fields are invalid too (pydantic skips a model's own validators once a field failed)."""
     problems: list[str] = _admin_auth_checks(data.get("admin_auth"))
+    session = data.get("session")
+    if isinstance(session, Mapping):
+        ttl = session.get("ttl", SESSION_TTL)
+        lifetime = session.get("max_lifetime", SESSION_MAX_LIFETIME)
+        if _whole(ttl) and _whole(lifetime) and lifetime < ttl:
+            problems.append(
+                f"session.max_lifetime: must be at least session.ttl ({ttl}); "
+                f"the default is {SESSION_MAX_LIFETIME} (7 days)"
+            )
     databases = data.get("databases")
     if not isinstance(databases, Mapping):
         return problems

@@ -11,10 +11,12 @@ from yarl import URL
 from sidecar import keys
 from sidecar.auth import authenticate
 from sidecar.databases import Database
+from sidecar.errors import Forbidden
 from sidecar.headers import client_ip_trusted, upstream_request_headers
 from sidecar.identity import Identity
 from sidecar.observe import finisher
 from sidecar.proxy import target_url
+from sidecar.sessions.origin import cross_site_cookie_use
 from sidecar.sessions.store import hash_session_id
 from sidecar.sgbridge import SessionBridge
 
@@ -32,6 +34,10 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     request[keys.DB_NAME] = db.name
     identity = await authenticate(request, db)  # raises: nothing below runs unauthenticated
     request[keys.IDENTITY] = identity
+    if _is_websocket_upgrade(request) and cross_site_cookie_use(
+        request, db, by_cookie=identity.via == "session"
+    ):  # security: cross-site websocket hijacking; the upstream never sees it
+        raise Forbidden("Origin not allowed to use a cookie session")
     bridge = app[keys.SG_BRIDGES].get(db.name)  # Sync Gateway: it must see the user too
     sg_session = await bridge.upstream_cookie(identity) if bridge is not None else None
     if request.get(keys.CONTINUE_DEFERRED):

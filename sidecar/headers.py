@@ -8,11 +8,12 @@ import functools
 import hashlib
 import hmac
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_address
+from typing import TypeVar
 
-from multidict import CIMultiDict
+from multidict import CIMultiDict, MultiMapping
 
 from sidecar.config import CouchDBProxyAuth, IdentityHeaders, Secret
 from sidecar.identity import Identity
@@ -262,3 +263,87 @@ def client_ip_trusted(
         if address.ipv4_mapped is not None:  # a dual-stack socket reports ::ffff:10.0.0.1
             address = address.ipv4_mapped
     return any(address in network for network in trusted_networks)
+
+
+# ---------------------------------------------------------------- how the client reached us
+
+_TLS_PROTOS = frozenset({"https", "wss"})
+_T = TypeVar("_T")
+Trust = Callable[[str | None], bool]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientView:
+    """The request as the client made it: over TLS or not, and the Host it addressed."""
+
+    https: bool
+    host: str | None
+
+
+def _header_list(headers: MultiMapping[str], name: str) -> list[str]:
+    """Every comma-separated item of every `name` header, in order."""
+    items = (item.strip() for value in headers.getall(name, ()) for item in value.split(","))
+    return [item for item in items if item]
+
+
+def _forwarded_for_ip(value: str | None) -> str | None:
+    """The address in a Forwarded `for=` (RFC 7239 6): `192.0.2.1`, `192.0.2.1:80`,
+    `[2001:db8::1]:80`; None for `unknown` and obfuscated identifiers."""
+    if not value:
+        return None
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    return value.partition(":")[0] if value.count(":") == 1 else value
+
+
+def _client_facing(values: Sequence[_T], fors: Sequence[str | None], trusted: Trust) -> _T:
+    """Of items that proxies append (X-Forwarded-Proto, Forwarded elements), the one the proxy
+    facing the client wrote. The last was written by our trusted peer about the hop it got
+    the request from (`fors[-1]`); while that hop is a trusted proxy too, step one back.
+
+    Security: never simply the first item, which the client itself may have sent.
+    """
+    k = 0
+    while k < len(values) - 1 and k < len(fors) and trusted(fors[-1 - k]):
+        k += 1
+    return values[-1 - k]
+
+
+def client_view(
+    headers: MultiMapping[str],
+    forwarded: Sequence[Mapping[str, str]],
+    *,
+    https: bool,
+    host: str | None,
+    peer: str | None,
+    trusted_networks: Sequence[IPv4Network | IPv6Network],
+) -> ClientView:
+    """Whether the client used TLS and which Host it asked for: from our own connection, or,
+    when `peer` is a trusted proxy, from what it says (`Forwarded: proto=;host=`, RFC 7239,
+    else `X-Forwarded-Proto` / `X-Forwarded-Host`). `forwarded` is the parsed Forwarded
+    elements (aiohttp's `request.forwarded`), `https`/`host` our own connection's.
+
+    Security: an untrusted peer's claims are ignored. This is the one place that decides
+    "was this request https?" (Secure cookies) and "which origin is ours?" (Origin checks).
+    """
+    if not client_ip_trusted(peer, trusted_networks):
+        return ClientView(https, host)
+
+    def trusted(address: str | None) -> bool:
+        return client_ip_trusted(address, trusted_networks)
+
+    proto = claimed_host = None
+    if forwarded:
+        fors = [_forwarded_for_ip(element.get("for")) for element in forwarded]
+        element = _client_facing(forwarded, fors, trusted)
+        proto, claimed_host = element.get("proto"), element.get("host")
+    hops = _header_list(headers, "X-Forwarded-For")
+    if proto is None:
+        protos = _header_list(headers, "X-Forwarded-Proto")
+        proto = _client_facing(protos, hops, trusted) if protos else None
+    if claimed_host is None:
+        hosts = _header_list(headers, "X-Forwarded-Host")
+        claimed_host = _client_facing(hosts, hops, trusted) if hosts else None
+    return ClientView(
+        https if proto is None else proto.lower() in _TLS_PROTOS, claimed_host or host
+    )

@@ -6,12 +6,15 @@ import hashlib
 from ipaddress import IPv4Network, IPv6Network, ip_network
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import CouchDBProxyAuth, IdentityHeaders, Secret
 from sidecar.headers import (
+    ClientView,
     CouchDBHeaders,
     client_ip_trusted,
+    client_view,
     downstream_response_headers,
     encode_value,
     strip_cookie,
@@ -546,3 +549,94 @@ def test_couchdb_reserved_roles_are_never_granted(roles: set[str], expected: lis
     identity = Identity(name="alice", roles=frozenset(roles))
     out = build([], identity=identity, couchdb=CouchDBProxyAuth(enabled=True))
     assert out.getall("X-Auth-CouchDB-Roles", []) == expected
+
+
+# ------------------------------------------------------------------ how the client reached us
+
+PROXIES = [ip_network("10.0.0.0/8"), ip_network("fd00::/8")]
+INSIDE = "internal:4984"  # the Host a request made directly to the pod carries
+
+
+@pytest.mark.parametrize(
+    ("peer", "pairs", "expected"),
+    [
+        # No proxy claims: our own connection decides.
+        ("10.0.0.2", [], ClientView(False, INSIDE)),
+        # The Kubernetes ingress: TLS ends there, it says so.
+        ("10.0.0.2", [("X-Forwarded-Proto", "https")], ClientView(True, INSIDE)),
+        (
+            "10.0.0.2",
+            [("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "sync.example.com")],
+            ClientView(True, "sync.example.com"),
+        ),
+        ("10.0.0.2", [("X-Forwarded-Proto", "HTTPS")], ClientView(True, INSIDE)),
+        ("10.0.0.2", [("X-Forwarded-Proto", "wss")], ClientView(True, INSIDE)),
+        ("10.0.0.2", [("X-Forwarded-Proto", "http")], ClientView(False, INSIDE)),
+        ("10.0.0.2", [("X-Forwarded-Proto", "ftp")], ClientView(False, INSIDE)),
+        ("::ffff:10.0.0.2", [("X-Forwarded-Proto", "https")], ClientView(True, INSIDE)),
+        ("fd00::1", [("Forwarded", "proto=https")], ClientView(True, INSIDE)),
+        # Security: an untrusted peer's claims are ignored, whatever they say.
+        ("192.0.2.7", [("X-Forwarded-Proto", "https")], ClientView(False, INSIDE)),
+        ("192.0.2.7", [("Forwarded", "proto=https;host=evil.example")], ClientView(False, INSIDE)),
+        ("192.0.2.7", [("X-Forwarded-Host", "evil.example")], ClientView(False, INSIDE)),
+        (None, [("X-Forwarded-Proto", "https")], ClientView(False, INSIDE)),
+        # RFC 7239: one element per proxy, the last one our peer's.
+        ("10.0.0.2", [("Forwarded", "for=192.0.2.60;proto=https;host=a.example")],
+         ClientView(True, "a.example")),
+        ("10.0.0.2", [("Forwarded", 'for="192.0.2.60:4711";proto="https"')],
+         ClientView(True, INSIDE)),
+        ("10.0.0.2", [("Forwarded", "For=192.0.2.60;Proto=HTTPS")], ClientView(True, INSIDE)),
+        # Security: a client's own Forwarded element comes first; our peer's (last) wins.
+        ("10.0.0.2", [("Forwarded", "proto=https;host=evil.example, for=192.0.2.60;proto=http")],
+         ClientView(False, INSIDE)),
+        ("10.0.0.2", [("Forwarded", "proto=https"), ("Forwarded", "for=192.0.2.60;proto=http")],
+         ClientView(False, INSIDE)),
+        # A chain of trusted proxies: the element written by the one facing the client.
+        ("10.0.0.2", [("Forwarded", "for=192.0.2.60;proto=https, for=10.0.0.5;proto=http")],
+         ClientView(True, INSIDE)),
+        ("10.0.0.2", [("Forwarded", 'for=192.0.2.60;proto=https, for="[fd00::5]:80";proto=http')],
+         ClientView(True, INSIDE)),
+        ("10.0.0.2", [("Forwarded", "proto=http, for=192.0.2.1;proto=https, for=10.0.0.5")],
+         ClientView(True, INSIDE)),
+        # ... but not past an untrusted or hidden hop.
+        ("10.0.0.2", [("Forwarded", "proto=https, for=unknown;proto=http")],
+         ClientView(False, INSIDE)),
+        ("10.0.0.2", [("Forwarded", "proto=https, for=_hidden;proto=http")],
+         ClientView(False, INSIDE)),
+        # The element that decides says nothing of proto: X-Forwarded-Proto, then our own.
+        ("10.0.0.2", [("Forwarded", "for=192.0.2.60"), ("X-Forwarded-Proto", "https")],
+         ClientView(True, INSIDE)),
+        ("10.0.0.2", [("Forwarded", "for=192.0.2.60;host=a.example")], ClientView(False, "a.example")),
+        # Appended X-Forwarded-Proto lists pair with X-Forwarded-For from the right.
+        ("10.0.0.2", [("X-Forwarded-Proto", "https, http"), ("X-Forwarded-For", "6.6.6.6, 192.0.2.60")],
+         ClientView(False, INSIDE)),
+        ("10.0.0.2", [("X-Forwarded-Proto", "https, http"), ("X-Forwarded-For", "192.0.2.60, 10.0.0.5")],
+         ClientView(True, INSIDE)),
+        ("10.0.0.2", [("X-Forwarded-Proto", "https"), ("X-Forwarded-For", "192.0.2.60, 10.0.0.5")],
+         ClientView(True, INSIDE)),  # one value: the proxy set it, it did not append
+        ("10.0.0.2", [("X-Forwarded-Proto", "http"), ("X-Forwarded-Proto", "https")],
+         ClientView(True, INSIDE)),
+        ("10.0.0.2", [("X-Forwarded-Proto", " , ")], ClientView(False, INSIDE)),
+        ("10.0.0.2", [("Forwarded", "garbage;;,")], ClientView(False, INSIDE)),
+    ],
+)  # fmt: skip
+def test_client_view(peer: str | None, pairs: Pairs, expected: ClientView) -> None:
+    headers = CIMultiDictProxy(CIMultiDict(pairs))
+    forwarded = make_mocked_request("GET", "/", headers=headers).forwarded  # aiohttp's parser
+    view = client_view(
+        headers, forwarded, https=False, host=INSIDE, peer=peer, trusted_networks=PROXIES
+    )
+    assert view == expected
+
+
+def test_client_view_with_our_own_tls() -> None:
+    """TLS to the sidecar itself counts when no trusted proxy speaks; a trusted proxy's claim
+    describes the client's hop (TLS may end there and be redone towards us)."""
+    none = CIMultiDictProxy(CIMultiDict[str]())
+    view = client_view(none, (), https=True, host=INSIDE, peer="192.0.2.7", trusted_networks=[])
+    assert view == ClientView(True, INSIDE)
+    claim = CIMultiDictProxy(CIMultiDict([("X-Forwarded-Proto", "http")]))
+    view = client_view(
+        claim, (), https=True, host=INSIDE, peer="10.0.0.2", trusted_networks=PROXIES
+    )
+    assert view == ClientView(False, INSIDE)

@@ -34,12 +34,16 @@ from sidecar.oidc.client import LoginRequest, authorization_url, new_login, toke
 from sidecar.oidc.provider import Provider, ProviderRegistry
 from sidecar.oidc.single_flight import single_flight
 from sidecar.oidc.tokens import TokenError
-from sidecar.sessions.cookies import secure_cookies, set_session_cookie
+from sidecar.sessions.cookies import (
+    STATE_COOKIE,
+    expire_state_cookie,
+    set_session_cookie,
+    set_state_cookie,
+)
 from sidecar.sessions.models import User
 
 log = logging.getLogger("sidecar.oidc")
 
-STATE_COOKIE = "sg-oidc-state"
 STATE_TTL = 300  # seconds a login may take, as Sync Gateway's state cookie
 REFRESH_BINDING_TTL = 90 * 86400
 # What a refresh shares with concurrent callers of the same token (sealed, seconds-long).
@@ -106,20 +110,6 @@ async def _start_login(request: web.Request) -> tuple[str, Database]:
     return url, db
 
 
-def _set_state_cookie(
-    request: web.Request, response: web.StreamResponse, db: Database, state: str
-) -> None:
-    response.set_cookie(
-        STATE_COOKIE,
-        state,
-        max_age=STATE_TTL,
-        path=f"/{db.name}",
-        httponly=True,
-        secure=secure_cookies(request),
-        samesite="Lax",  # the provider's redirect back is a top-level GET navigation
-    )
-
-
 def _state_of(url: str) -> str:
     return URL(url).query["state"]
 
@@ -127,7 +117,7 @@ def _state_of(url: str) -> str:
 async def oidc(request: web.Request) -> web.StreamResponse:
     url, db = await _start_login(request)
     response = web.Response(status=302, headers={"Location": url})
-    _set_state_cookie(request, response, db, _state_of(url))
+    set_state_cookie(request, response, db, _state_of(url), STATE_TTL)
     return response
 
 
@@ -143,7 +133,7 @@ async def oidc_challenge(request: web.Request) -> web.StreamResponse:
         status=401,
         headers={"WWW-Authenticate": f"OIDC login={go_quote(url)}"},
     )
-    _set_state_cookie(request, response, db, _state_of(url))
+    set_state_cookie(request, response, db, _state_of(url), STATE_TTL)
     return response
 
 
@@ -230,7 +220,7 @@ async def oidc_callback(request: web.Request) -> web.StreamResponse:
     if isinstance(refresh_token, str):
         body["refresh_token"] = refresh_token
     response = await _session_answer(request, db, provider, user, tokens, body)
-    response.del_cookie(STATE_COOKIE, path=f"/{db.name}")
+    expire_state_cookie(request, response, db)
     return response
 
 

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from sidecar.config import SESSION_MAX_LIFETIME
 from sidecar.sessions.models import Session, User
 from sidecar.sessions.store import SessionStore, StoreEvent, UserId
 
@@ -25,8 +26,14 @@ class MemoryStore(SessionStore):
     """Everything lives in this process, so events are local and the cache is off by default
     (the dicts are as fast as a cache would be)."""
 
-    def __init__(self, *, local_cache_seconds: float = 0.0, sweep_seconds: float = 60.0) -> None:
-        super().__init__(local_cache_seconds=local_cache_seconds)
+    def __init__(
+        self,
+        *,
+        local_cache_seconds: float = 0.0,
+        sweep_seconds: float = 60.0,
+        max_lifetime: int = SESSION_MAX_LIFETIME,
+    ) -> None:
+        super().__init__(local_cache_seconds=local_cache_seconds, max_lifetime=max_lifetime)
         # Deadlines on the monotonic clock, like Redis PX: a record outlives neither.
         self._sessions: dict[str, tuple[Session, float]] = {}
         self._index: dict[UserId, set[str]] = {}

@@ -22,6 +22,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError, WatchError
 
+from sidecar.config import SESSION_MAX_LIFETIME
 from sidecar.sessions.models import Session, User
 from sidecar.sessions.store import SessionStore, StoreEvent, StoreUnavailable
 
@@ -158,8 +159,13 @@ class RedisStore(SessionStore):
         timeout: float = 2.0,
         cache_entries: int = 100_000,
         ping_seconds: float = 0.5,
+        max_lifetime: int = SESSION_MAX_LIFETIME,
     ) -> None:
-        super().__init__(local_cache_seconds=local_cache_seconds, cache_entries=cache_entries)
+        super().__init__(
+            local_cache_seconds=local_cache_seconds,
+            cache_entries=cache_entries,
+            max_lifetime=max_lifetime,
+        )
         self._client = redis_client(url, timeout=timeout)
         self._redis = self._client.redis
         # Cluster cannot MULTI across slots; sessions are spread over slots by design.

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from sidecar.config import SESSION_MAX_LIFETIME
 from sidecar.errors import ServiceUnavailable, Unauthorized
 from sidecar.sessions.models import (
     Session,
@@ -156,8 +157,15 @@ class SessionStore(ABC):
     invalidation feed comes and goes; everything else lives here.
     """
 
-    def __init__(self, *, local_cache_seconds: float, cache_entries: int = 100_000) -> None:
+    def __init__(
+        self,
+        *,
+        local_cache_seconds: float,
+        cache_entries: int = 100_000,
+        max_lifetime: int = SESSION_MAX_LIFETIME,
+    ) -> None:
         self._cache = LocalCache(local_cache_seconds, cache_entries)
+        self.max_lifetime = max_lifetime  # session.max_lifetime for the sessions it creates
         self._listeners: list[Listener] = []
         # Bumped on every invalidation: a read that started before one must not fill the cache.
         self._epoch = 0
@@ -181,10 +189,17 @@ class SessionStore(ABC):
     async def create_session(
         self, user: User, *, ttl: int, provider: str | None, now: float
     ) -> tuple[str, Session]:
-        """A new session for a stored, enabled user: (the id for the cookie, the record)."""
+        """A new session for a stored, enabled user: (the id for the cookie, the record).
+
+        It ends at the latest `max_lifetime` after `now`, however often it is extended."""
         session_id = new_session_id()
         session = Session.for_user(
-            user, key=hash_session_id(session_id), ttl=ttl, provider=provider, now=now
+            user,
+            key=hash_session_id(session_id),
+            ttl=ttl,
+            provider=provider,
+            now=now,
+            max_lifetime=self.max_lifetime,
         )
         await self._insert_session(session, now)
         # Security: re-read the user only after the session is indexed. put_user/delete_user
@@ -436,14 +451,20 @@ class SessionStore(ABC):
 
 
 def create_store(
-    url: str | None, *, local_cache_seconds: float, prefix: str = "sidecar:"
+    url: str | None,
+    *,
+    local_cache_seconds: float,
+    prefix: str = "sidecar:",
+    max_lifetime: int = SESSION_MAX_LIFETIME,
 ) -> SessionStore:
     """The store for `session_store` from the config: Redis for a URL, else in-process
     (whose dicts need no cache in front of them, so `local_cache_seconds` is Redis's only)."""
     if url is None:
         from sidecar.sessions.memory_store import MemoryStore
 
-        return MemoryStore()
+        return MemoryStore(max_lifetime=max_lifetime)
     from sidecar.sessions.redis_store import RedisStore
 
-    return RedisStore(url, local_cache_seconds=local_cache_seconds, prefix=prefix)
+    return RedisStore(
+        url, local_cache_seconds=local_cache_seconds, prefix=prefix, max_lifetime=max_lifetime
+    )
