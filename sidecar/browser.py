@@ -100,8 +100,8 @@ def _decodings(raw: str) -> Iterable[str]:
 
 def _safe_path_reading(text: str) -> bool:
     """One reading of a same-origin target: `/` then a first segment that no browser or
-    proxy could take for a host (not `/`, `\\`, no `@`, not starting with `.`), no control
-    characters or backslashes anywhere, no dot segments, ASCII in the first segment."""
+    proxy could take for a host (not `/`, `\\`, no `@`, not starting with `.`, visible ASCII
+    only), no control characters or backslashes anywhere, no dot segments."""
     if not text.startswith("/") or text.startswith(("//", "/\\")):
         return False
     if "\\" in text or _has_control(text):
@@ -109,7 +109,7 @@ def _safe_path_reading(text: str) -> bool:
     path = re.split(r"[?#]", text, maxsplit=1)[0]
     segments = path.split("/")[1:]
     first = segments[0]
-    if "@" in first or first.startswith(".") or not first.isascii():
+    if "@" in first or first.startswith(".") or not all("\x21" <= c <= "\x7e" for c in first):
         return False
     return not any(segment in (".", "..") for segment in segments)
 
@@ -147,8 +147,8 @@ def _absolute_target_origin(raw: str) -> str | None:
     if not sep or scheme.lower() not in _DEFAULT_PORTS:
         return None
     authority = re.split(r"[/?#]", rest, maxsplit=1)[0]
-    if not authority or any(c in authority for c in "@%\\[]"):  # userinfo, encodings, IPv6
-        return None
+    if not authority or authority.endswith(":") or any(c in authority for c in "@%\\[]"):
+        return None  # user info, encodings, IPv6 literals, an empty port: no ambiguity allowed
     try:
         parts = urlsplit(raw)
         port = parts.port
