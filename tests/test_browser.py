@@ -571,3 +571,18 @@ async def test_disable_session_never_redirects(harness: LoginHarness) -> None:
     assert_page(page, 200)
     parsed = _Page(page.text)
     assert parsed.forms == [] and parsed.links == [f"/{DB}/page"]
+
+
+async def test_signed_in_page_lets_sign_out_continue_to_the_provider(
+    harness: LoginHarness,
+) -> None:
+    """With the real OP (it publishes an end_session_endpoint), the sign-out form may go on
+    there: browsers apply form-action to the redirects that follow a form post."""
+    await harness.start_op(user_prefix="op")
+    async with browser() as http:
+        callback = await harness.authorize(http, "alice")
+        page = await navigate(harness, http, callback)
+    assert_page(page, 200)
+    assert "Signed in as op_alice" in page.text
+    csp = page.headers["Content-Security-Policy"]
+    assert f"form-action 'self' {harness.op.issuer};" in csp
