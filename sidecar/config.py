@@ -26,6 +26,8 @@ from pydantic import (
 )
 from pydantic_core import core_schema
 
+from sidecar.browser import parse_origin
+
 DEFAULT_SCOPE = ("openid", "email")
 PROVIDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]*$")  # Sync Gateway: no "_"
 # Sync Gateway's database name rule: starts with a lowercase letter.
@@ -237,11 +239,26 @@ class DatabaseConfig(Model):
     oidc: OIDCConfig | None = None
     sync_gateway: SyncGatewayBridge | None = None
     cors: CORSConfig = CORSConfig()
+    # Browsers: a page load without credentials is sent to the login instead of a 401.
+    browser_login: bool = True
+    # Origins besides the sidecar's own that a login's `rd` return target may point to.
+    allowed_redirect_origins: tuple[str, ...] = ()
 
     @field_validator("upstream")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         return None if value is None else _http_url(value, what="upstream")
+
+    @field_validator("allowed_redirect_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            if parse_origin(item) is None:
+                raise ValueError(
+                    f"{item!r} is not an origin: scheme://host[:port] (http or https, "
+                    "no path, user, query or fragment)"
+                )
+        return value
 
     @field_validator("session_cookie_name")
     @classmethod

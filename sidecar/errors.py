@@ -1,4 +1,5 @@
-"""The sidecar's error hierarchy; one middleware turns each into `{"error", "reason"}` JSON.
+"""The sidecar's error hierarchy; one middleware turns each into `{"error", "reason"}` JSON
+(or, for a person's browser, a small HTML page with the same status and reason).
 
 SidecarError (500)
 ├── BadRequest (400)              malformed input, failed callback checks
@@ -25,10 +26,13 @@ class SidecarError(Exception):
 
     status: ClassVar[int] = 500
 
-    def __init__(self, reason: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, reason: str, *, headers: dict[str, str] | None = None, retry: str | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.headers = headers or {}
+        self.retry = retry  # where a person may try again (a link on the HTML error page)
 
     @property
     def error(self) -> str:

@@ -9,9 +9,9 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar import keys
-from sidecar.auth import authenticate
+from sidecar.auth import authenticate, login_redirect
 from sidecar.databases import Database
-from sidecar.errors import Forbidden
+from sidecar.errors import Forbidden, Unauthorized
 from sidecar.headers import client_ip_trusted, upstream_request_headers
 from sidecar.identity import Identity
 from sidecar.observe import finisher
@@ -32,7 +32,12 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     app = request.app
     db = app[keys.DATABASES].get(request.match_info["db"])
     request[keys.DB_NAME] = db.name
-    identity = await authenticate(request, db)  # raises: nothing below runs unauthenticated
+    try:
+        identity = await authenticate(request, db)  # raises: nothing below runs unauthenticated
+    except Unauthorized:
+        if (to_login := login_redirect(request, db)) is None:  # a browser: off to sign in
+            raise
+        return to_login
     request[keys.IDENTITY] = identity
     if _is_websocket_upgrade(request) and cross_site_cookie_use(
         request, db, by_cookie=identity.via == "session"

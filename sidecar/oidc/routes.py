@@ -21,6 +21,7 @@ from yarl import URL
 
 from sidecar import keys
 from sidecar.auth import login_user
+from sidecar.browser import is_page_load, login_path, safe_return_target
 from sidecar.databases import Database
 from sidecar.errors import (
     BadRequest,
@@ -30,6 +31,7 @@ from sidecar.errors import (
     Unauthorized,
     outside_text,
 )
+from sidecar.oidc.browser_answers import browser_answer, replayed_callback
 from sidecar.oidc.client import LoginRequest, authorization_url, new_login, token_request
 from sidecar.oidc.provider import Provider, ProviderRegistry
 from sidecar.oidc.single_flight import single_flight
@@ -49,6 +51,12 @@ REFRESH_BINDING_TTL = 90 * 86400
 # What a refresh shares with concurrent callers of the same token (sealed, seconds-long).
 REFRESH_SHARED = ("id_token", "refresh_token", "access_token", "token_type", "expires_in")
 MAX_PARAM = 4096
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class StateRejected(BadRequest):
+    """The callback's state is missing, foreign or used up (a reload or Back in a browser)."""
 
 
 def _registry(request: web.Request) -> tuple[Database, ProviderRegistry]:
@@ -104,10 +112,23 @@ async def _start_login(request: web.Request) -> tuple[str, Database]:
     )
     url = authorization_url(meta, provider.config, login)  # may raise: nothing stored yet
     store = request.app[keys.STORE]
-    await store.put_record(
-        "login", _digest(login.state), asdict(login) | {"db": db.name}, STATE_TTL
-    )
+    # The return target stays here with the single-use login state (never in a cookie or in
+    # the URL sent to the provider).
+    record = asdict(login) | {"db": db.name, "rd": _return_target(request, db)}
+    await store.put_record("login", _digest(login.state), record, STATE_TTL)
     return url, db
+
+
+def _return_target(request: web.Request, db: Database) -> str | None:
+    """The `rd` parameter when it is a safe place to land after the login, else None (the
+    callback then shows the signed-in page)."""
+    raw = _param(request, "rd")
+    if raw is None:
+        return None
+    target = safe_return_target(raw, db.config.allowed_redirect_origins)
+    if target is None:
+        log.info("return target refused", extra={"db": db.name, "length": len(raw)})
+    return target
 
 
 def _state_of(url: str) -> str:
@@ -185,17 +206,18 @@ async def oidc_callback(request: web.Request) -> web.StreamResponse:
     if not provider.config.disable_callback_state:
         cookie = request.cookies.get(STATE_COOKIE)
         if cookie is None:
-            raise BadRequest("OIDC Auth Failure: No state cookie found for callback")
+            raise StateRejected("OIDC Auth Failure: No state cookie found for callback")
         # Security: the state must come back to the browser that started the login.
         if state is None or not hmac.compare_digest(cookie.encode(), state.encode()):
-            raise BadRequest("OIDC Auth Failure: State mismatch")
+            raise StateRejected("OIDC Auth Failure: State mismatch")
     if not state:
         raise BadRequest("OIDC Auth Failure: State mismatch")
     store = request.app[keys.STORE]
     record = await store.take_record("login", _digest(state))  # single use, on every replica
     if record is None or record.get("db") != db.name or record.get("provider") != provider.name:
-        raise BadRequest("OIDC Auth Failure: State expired or already used")
-    login = LoginRequest(**{k: v for k, v in record.items() if k != "db"})
+        raise StateRejected("OIDC Auth Failure: State expired or already used")
+    request[keys.RETURN_TARGET] = record.get("rd")
+    login = LoginRequest(**{k: v for k, v in record.items() if k not in ("db", "rd")})
 
     tokens = await _grant(
         request,
@@ -220,6 +242,8 @@ async def oidc_callback(request: web.Request) -> web.StreamResponse:
     if isinstance(refresh_token, str):
         body["refresh_token"] = refresh_token
     response = await _session_answer(request, db, provider, user, tokens, body)
+    if is_page_load(request.method, request.headers):  # a person: a page, never the tokens
+        response = await browser_answer(request, db, provider, _digest(state), body, response)
     expire_state_cookie(request, response, db)
     return response
 
@@ -343,7 +367,6 @@ async def _session_answer(
     return response
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 NO_REFERRER = {"Referrer-Policy": "no-referrer"}
 
 
@@ -366,9 +389,56 @@ def no_referrer(handler: Handler) -> Handler:
     return wrapped
 
 
+def browser_callback(handler: Handler) -> Handler:
+    """The callback as a person's browser meets it (API clients pass straight through): a
+    reload or Back on a used callback while signed in goes where the first one went; an error
+    page offers "Try again" — a new login, back to the same return target when known."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        if not is_page_load(request.method, request.headers):
+            return await handler(request)
+        try:
+            return await handler(request)
+        except SidecarError as exc:
+            name = request.get(keys.DB_NAME)
+            if name is None:  # no such database: nowhere to try again
+                raise
+            db = request.app[keys.DATABASES].get(name)
+            state = request.query.get("state")  # only a lookup key here; checked by handler
+            if isinstance(exc, StateRejected) and state:
+                again = await replayed_callback(request, db, _digest(state))
+                if again is not None:
+                    return again
+            exc.retry = login_path(
+                request.app[keys.SETTINGS].public_url,
+                db.name,
+                provider=request.query.get("provider"),
+                rd=await _abandoned_target(request, db, state),
+            )
+            raise
+
+    return wrapped
+
+
 def without_referrer(defs: list[web.RouteDef]) -> list[web.RouteDef]:
     """Route definitions wrapped in `no_referrer` (the `_oidc*` and `_oidc_testing` routes)."""
     return [web.route(d.method, d.path, no_referrer(d.handler), **d.kwargs) for d in defs]
+
+
+async def _abandoned_target(request: web.Request, db: Database, state: str | None) -> str | None:
+    """The return target of the login this failed callback ends: known once the state was
+    taken; after a provider error (Cancel) taken here, for the browser that started it."""
+    target = request.get(keys.RETURN_TARGET)
+    if target is not None or not state or "error" not in request.query:
+        return target
+    cookie = request.cookies.get(STATE_COOKIE)
+    if cookie is None or not hmac.compare_digest(cookie.encode(), state.encode()):
+        return None  # security: a return target only for the browser that started the login
+    record = await request.app[keys.STORE].take_record("login", _digest(state))
+    if record is None or record.get("db") != db.name or not isinstance(record.get("rd"), str):
+        return None
+    rd: str = record["rd"]
+    return rd
 
 
 def routes() -> list[web.RouteDef]:
@@ -376,7 +446,7 @@ def routes() -> list[web.RouteDef]:
         [
             web.get("/{db}/_oidc", oidc),
             web.get("/{db}/_oidc_challenge", oidc_challenge),
-            web.get("/{db}/_oidc_callback", oidc_callback),
+            web.get("/{db}/_oidc_callback", browser_callback(oidc_callback)),
             web.get("/{db}/_oidc_refresh", oidc_refresh),
         ]
     )
