@@ -11,9 +11,10 @@ from yarl import URL
 from sidecar import keys
 from sidecar.auth import authenticate
 from sidecar.databases import Database
-from sidecar.headers import check_request_head, client_ip_trusted, upstream_request_headers
+from sidecar.headers import client_ip_trusted, upstream_request_headers
 from sidecar.identity import Identity
 from sidecar.observe import finisher
+from sidecar.request_head import check_request_head
 from sidecar.sessions.store import hash_session_id
 from sidecar.sgbridge import SessionBridge
 from sidecar.targets import target_url

@@ -1,5 +1,6 @@
-"""Header hygiene: which headers reach the upstream (identity added, spoofs removed) and which
-come back to the client. Pure functions; the proxy calls them around its I/O.
+"""Header hygiene: which headers reach the upstream (identity added; spoofs, foreign identity
+and URL-override headers removed) and which come back to the client. Pure functions; the
+proxy calls them around its I/O.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_add
 from multidict import CIMultiDict
 
 from sidecar.config import CouchDBProxyAuth, IdentityHeaders, Secret
-from sidecar.errors import BadRequest, Forbidden, Unimplemented
+from sidecar.errors import Forbidden
 from sidecar.identity import Identity
 
 # RFC 9110 7.6.1: meaningful for one connection only, never forwarded. Keep-Alive and
@@ -291,7 +292,7 @@ def upstream_request_headers(
     `incoming` should be the request's CIMultiDictProxy so repeated headers stay repeated.
     `trusted`: `peer` is a configured trusted proxy (see `client_ip_trusted`), so its
     X-Forwarded-* / Forwarded claims are kept and extended rather than replaced.
-    `host`: the request's Host, already checked by `check_request_head`.
+    `host`: the request's Host, already checked by `request_head.check_request_head`.
     `strip`: more header names (or "prefix*") to remove, from `strip_request_headers`.
     Raises Forbidden when the user name has no exact header form (`header_username`).
     """
@@ -374,59 +375,6 @@ def upstream_request_headers(
             key = secret.get() if isinstance(secret, Secret) else secret
             out[COUCHDB_TOKEN] = couchdb_token(key, user)
     return out
-
-
-# RFC 9112 3.2 / RFC 3986 3.2.2-3.2.3: host [":" port], where host is a DNS-style name, an IPv4
-# address or a bracketed IPv6 address. Stricter than reg-name on purpose: no "%", "@", "\\",
-# "/", sub-delims, spaces or zone ids reach X-Forwarded-Host or an upstream's URL building.
-_HOST = re.compile(
-    r"(?:\[(?P<ip6>[0-9A-Fa-f:.]{2,45})\]|[A-Za-z0-9._~-]{1,253})(?::(?P<port>[0-9]{1,5}))?"
-)
-
-
-def valid_host(value: str) -> bool:
-    """Is `value` a Host header value the sidecar vouches for (`_HOST`, port 1-65535)?"""
-    match = _HOST.fullmatch(value)
-    if match is None:
-        return False
-    if match["ip6"] is not None:
-        try:
-            IPv6Address(match["ip6"])
-        except ValueError:
-            return False
-    port = match["port"]
-    return port is None or 0 < int(port) < 65536
-
-
-def check_request_head(headers: Mapping[str, str], version: tuple[int, int]) -> str | None:
-    """Refuse a request whose Host or framing an upstream could read differently; return its Host.
-
-    - RFC 9112 3.2: more than one Host, or an invalid one (`valid_host`), gets 400.
-    - RFC 9112 6.1: the only transfer coding understood is "chunked", alone. Any other (gzip,
-      "gzip, chunked", identity...) gets 501: the sidecar re-frames the body it forwards, so an
-      undecoded coding would reach the upstream as if it were the content. Transfer-Encoding in
-      an HTTP/1.0 request is faulty framing: 400. An empty one is malformed: 400.
-    """
-    hosts: list[str] = []
-    codings: list[str] | None = None
-    for name, value in headers.items():
-        key = name.lower()
-        if key == "host":
-            hosts.append(value)
-        elif key == "transfer-encoding":
-            codings = (codings or []) + [c.strip().lower() for c in value.split(",") if c.strip()]
-    if len(hosts) > 1:
-        raise BadRequest("more than one Host header")
-    if hosts and not valid_host(hosts[0]):
-        raise BadRequest("invalid Host header")
-    if codings is not None:
-        if tuple(version) < (1, 1):
-            raise BadRequest("Transfer-Encoding is not allowed in an HTTP/1.0 request")
-        if not codings:
-            raise BadRequest("empty Transfer-Encoding")
-        if codings != ["chunked"]:
-            raise Unimplemented("unsupported transfer coding: only chunked is implemented")
-    return hosts[0] if hosts else None
 
 
 def downstream_response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
