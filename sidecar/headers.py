@@ -16,8 +16,9 @@ from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network, ip_add
 from multidict import CIMultiDict
 
 from sidecar.config import CouchDBProxyAuth, IdentityHeaders, Secret
-from sidecar.errors import Forbidden
+from sidecar.errors import BadRequest, Forbidden
 from sidecar.identity import Identity
+from sidecar.request_head import valid_host
 
 # RFC 9110 7.6.1: meaningful for one connection only, never forwarded. Keep-Alive and
 # Proxy-Connection are pre-standard but still sent by real clients.
@@ -294,7 +295,8 @@ def upstream_request_headers(
     X-Forwarded-* / Forwarded claims are kept and extended rather than replaced.
     `host`: the request's Host, already checked by `request_head.check_request_head`.
     `strip`: more header names (or "prefix*") to remove, from `strip_request_headers`.
-    Raises Forbidden when the user name has no exact header form (`header_username`).
+    Raises Forbidden when the user name has no exact header form (`header_username`), and
+    BadRequest when a trusted proxy's X-Forwarded-Host is not a valid host (`valid_host`).
     """
     connection_named = _connection_tokens(incoming)
     # Security (request smuggling): with Transfer-Encoding the length is the chunks', never a
@@ -326,6 +328,12 @@ def upstream_request_headers(
             if trusted and name.lower() == key:
                 if key == "x-forwarded-for":
                     forwarded_for.append(value.strip())
+                elif key == "x-forwarded-host" and not all(
+                    valid_host(h.strip()) for h in value.split(",")
+                ):
+                    # Security: a trusted proxy may pass a client's value on untouched; it
+                    # must meet the rule the sidecar applies to Host itself.
+                    raise BadRequest("invalid X-Forwarded-Host")
                 else:
                     out.add(name, value)
             continue

@@ -270,6 +270,23 @@ async def test_valid_host_travels_as_x_forwarded_host(edge: Edge, host: bytes) -
     assert edge.upstream.header(0, "X-Forwarded-Host") == [host.decode()]
 
 
+@pytest.mark.parametrize(
+    ("value", "status"),
+    [(b"public.example", 200), (b"a.example, b.example:8443", 200), (b"u@evil.example", 400)],
+)
+async def test_a_trusted_proxys_forwarded_host_is_checked_too(
+    upstream: Upstream, value: bytes, status: int
+) -> None:
+    async with start(upstream, trusted_proxies=["127.0.0.1/32"]) as edge:
+        answer = await edge.send(headers=[b"X-Forwarded-Host: " + value])
+        assert answer.status == status
+        if status == 200:
+            assert edge.upstream.header(0, "X-Forwarded-Host") == [value.decode()]
+        else:
+            assert is_json_error(answer, "invalid X-Forwarded-Host")
+            assert edge.upstream.requests == []
+
+
 async def test_http10_without_host_has_no_forwarded_host(edge: Edge) -> None:
     answer = await edge.send(version=b"HTTP/1.0", host=None)
     assert answer.status == 200

@@ -10,7 +10,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import CouchDBProxyAuth, IdentityHeaders, Secret
-from sidecar.errors import Forbidden
+from sidecar.errors import BadRequest, Forbidden
 from sidecar.headers import (
     CouchDBHeaders,
     client_ip_trusted,
@@ -796,3 +796,27 @@ def test_framing_look_alikes_are_removed(pairs: Pairs, expected: Pairs) -> None:
 
 
 FRAMING = {"contentlength", "transferencoding"}
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("public.example", True),
+        ("public.example:8443", True),
+        ("a.example, b.example", True),  # a chain of proxies
+        ("a b", False),
+        ("evil.example/x", False),
+        ("u@evil.example", False),
+        ("a.example, <b>", False),
+        ("", False),
+    ],
+)
+def test_trusted_forwarded_host_must_be_a_valid_host(value: str, ok: bool) -> None:
+    pairs = [("X-Forwarded-Host", value)]
+    if ok:
+        assert build(pairs, trusted=True).getall("X-Forwarded-Host") == [value]
+    else:
+        with pytest.raises(BadRequest):
+            build(pairs, trusted=True)
+    # from an untrusted client the value is simply replaced by the request's own Host
+    assert build(pairs, trusted=False).getall("X-Forwarded-Host") == ["sync.example.com"]
