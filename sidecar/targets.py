@@ -23,7 +23,7 @@ def _decoded(path: str) -> bytes:
     Security: an upstream (or a chain of them) may decode more than once; checking every
     level at once means no level can hide a dot segment. Each round shortens the text, so it ends.
     """
-    data = path.encode("ascii")
+    data = path.encode("utf-8")
     while b"%" in data:
         decoded = unquote_to_bytes(data)
         if decoded == data:
