@@ -369,6 +369,8 @@ class Settings(Model):
     couchdb_proxy_auth: CouchDBProxyAuth = CouchDBProxyAuth()
     pass_authorization: bool = False  # forward the bearer token / session cookie upstream
     trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-* headers are trusted
+    # More request headers to remove besides the built-in lists: names, or "Prefix-*".
+    strip_request_headers: tuple[str, ...] = ()
     clock_skew_seconds: int = Field(default=60, ge=0, le=600)
     session: SessionConfig = SessionConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
@@ -416,6 +418,18 @@ class Settings(Model):
                 ipaddress.ip_network(item, strict=False)
             except ValueError:
                 raise ValueError(f"{item!r} is not an IP address or CIDR") from None
+        return value
+
+    @field_validator("strip_request_headers")
+    @classmethod
+    def _strip(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            name = item.removesuffix("*")
+            # "*" alone (or a one-letter prefix) would remove headers the upstream needs.
+            if len(name) < 2 or not HEADER_NAME.match(name) or "*" in name:
+                raise ValueError(
+                    f"{item!r} is not a header name or a 'Prefix-*' of at least 2 characters"
+                )
         return value
 
     def upstream_for(self, db: str) -> str:

@@ -8,6 +8,7 @@ SidecarError (500)
 ├── NotFound (404)                unknown database, no session
 ├── MethodNotAllowed (405)
 ├── PayloadTooLarge (413)
+├── Unimplemented (501)           a transfer coding the sidecar does not implement
 ├── UpstreamError (502)           upstream refused / broke the connection
 │   └── ProviderError (502)       OpenID Provider unreachable or answered nonsense
 │       └── OAuthError (502/401)  the provider answered an OAuth error (wire code kept)
@@ -64,6 +65,12 @@ class MethodNotAllowed(SidecarError):
 
 class PayloadTooLarge(SidecarError):
     status = 413
+
+
+class Unimplemented(SidecarError):
+    """RFC 9112 6.1: a request with a transfer coding the sidecar does not understand."""
+
+    status = 501
 
 
 class UpstreamError(SidecarError):

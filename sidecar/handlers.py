@@ -15,10 +15,11 @@ from sidecar.errors import Forbidden, Unauthorized
 from sidecar.headers import client_ip_trusted, upstream_request_headers
 from sidecar.identity import Identity
 from sidecar.observe import finisher
-from sidecar.proxy import target_url
+from sidecar.request_head import check_request_head
 from sidecar.sessions.origin import cross_site_cookie_use
 from sidecar.sessions.store import hash_session_id
 from sidecar.sgbridge import SessionBridge
+from sidecar.targets import target_url
 
 
 async def defer_continue(request: web.Request) -> None:
@@ -32,6 +33,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     app = request.app
     db = app[keys.DATABASES].get(request.match_info["db"])
     request[keys.DB_NAME] = db.name
+    # Security: a Host or framing the upstream could read differently is refused up front.
+    host = check_request_head(request.headers, request.version)
     try:
         identity = await authenticate(request, db)  # raises: nothing below runs unauthenticated
     except Unauthorized:
@@ -56,17 +59,18 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         names=settings.identity_headers,
         peer=peer,
         scheme=request.scheme,
-        host=request.host,
+        host=host,
         trusted=client_ip_trusted(peer, app[keys.TRUSTED_NETWORKS]),
         pass_authorization=settings.pass_authorization,
         session_cookie_name=db.cookie_name,
         request_id=request[keys.REQUEST_ID],
         couchdb=settings.couchdb_proxy_auth if settings.couchdb_proxy_auth.enabled else None,
+        strip=settings.strip_request_headers,
     )
     if sg_session is not None:
         SessionBridge.apply(headers, db.cookie_name, sg_session)
         request[keys.SG_SESSION] = sg_session
-    target = target_url(db.upstream, request.raw_path)
+    target = target_url(db.upstream, request.raw_path, db.name)
     forwarder = app[keys.FORWARDER]
     if _is_websocket_upgrade(request):
         return await _relay_websocket(request, db, identity, target, headers)

@@ -1,5 +1,6 @@
-"""Header hygiene: which headers reach the upstream (identity added, spoofs removed) and which
-come back to the client. Pure functions; the proxy calls them around its I/O.
+"""Header hygiene: which headers reach the upstream (identity added; spoofs, foreign identity
+and URL-override headers removed) and which come back to the client. Pure functions; the
+proxy calls them around its I/O.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from typing import TypeVar
 from multidict import CIMultiDict, MultiMapping
 
 from sidecar.config import CouchDBProxyAuth, IdentityHeaders, Secret
+from sidecar.errors import BadRequest, Forbidden
 from sidecar.identity import Identity
+from sidecar.request_head import valid_host
 
 # RFC 9110 7.6.1: meaningful for one connection only, never forwarded. Keep-Alive and
 # Proxy-Connection are pre-standard but still sent by real clients.
@@ -47,21 +50,120 @@ WEBSOCKET_HANDSHAKE = frozenset(
 # Host: the upstream gets its own host (the client's travels as X-Forwarded-Host).
 # Expect: the sidecar's server already answered "100 Continue" to the client.
 _REPLACED = frozenset({"host", "expect"})
-# Claims about the client's connection, believable only from a trusted proxy.
+# Claims about the client's connection, believable only from a trusted proxy (`trusted_proxies`),
+# and from it only under their exact names.
 _FORWARDING = frozenset(
-    {"forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip"}
+    {
+        "forwarded",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-forwarded-port",
+        "x-forwarded-scheme",
+        "x-forwarded-server",
+        "x-forwarded-ssl",
+        "x-real-ip",
+        "x-client-ip",
+        "x-cluster-client-ip",
+        "true-client-ip",
+        "cf-connecting-ip",
+        "fastly-client-ip",
+        "x-original-forwarded-for",
+        "x-scheme",
+        "x-url-scheme",
+        "front-end-https",
+    }
 )
-_COUCHDB_PREFIX = "x-auth-couchdb-"
+
+# Security: identity headers that common servers, frameworks and auth proxies trust. None of
+# them may come from a client: every copy is removed from every proxied request (HTTP and
+# websocket), whatever its case or separators. A trailing "*" matches a prefix. The README's
+# "Headers removed from every request" lists them too; `strip_request_headers` adds more.
+FOREIGN_IDENTITY_HEADERS = (
+    # Apache (REMOTE_USER), Authelia (Remote-User/-Groups/-Email/-Name)
+    "Remote-*",
+    # Kubernetes front proxy and Apache conventions (X-Remote-User/-Group/-Extra-*)
+    "X-Remote-*",
+    # oauth2-proxy (upstream headers and the auth_request family)
+    "X-Forwarded-User",
+    "X-Forwarded-Email",
+    "X-Forwarded-Groups",
+    "X-Forwarded-Preferred-Username",
+    "X-Forwarded-Access-Token",
+    "X-Auth-Request-*",
+    "GAP-Auth",
+    # nginx auth_request setups, Louketo/keycloak-gatekeeper, generic conventions
+    "X-User",
+    "X-Email",
+    "X-Groups",
+    "X-Auth-User",
+    "X-Auth-Username",
+    "X-Auth-Userid",
+    "X-Auth-Email",
+    "X-Auth-Groups",
+    "X-Auth-Roles",
+    "X-Auth-Subject",
+    # Blue Coat / Websense, Kong (X-Authenticated-Userid/-Scope), Kong consumers and OIDC
+    "X-Authenticated-*",
+    "X-Consumer-*",
+    "X-Credential-Identifier",
+    "X-Anonymous-Consumer",
+    "X-Userinfo",
+    "X-Id-Token",
+    # Grafana auth proxy (X-WEBAUTH-USER and its companions)
+    "X-WEBAUTH-*",
+    # CouchDB proxy authentication
+    "X-Auth-CouchDB-*",
+    # Apache mod_auth_openidc (OIDC_CLAIM_*, OIDC_access_token, OIDC_id_token_payload, ...)
+    "OIDC-*",
+    # Pomerium (X-Pomerium-Jwt-Assertion, X-Pomerium-Claim-*), authentik
+    "X-Pomerium-*",
+    "X-Authentik-*",
+    # Cloud front doors: Azure App Service, Google IAP, AWS ALB, Cloudflare Access
+    "X-MS-Client-Principal*",
+    "X-MS-Token-*",
+    "X-Goog-Authenticated-User-*",
+    "X-Goog-IAP-JWT-Assertion",
+    "X-Amzn-Oidc-*",
+    "Cf-Access-*",
+    # Shibboleth, mod_auth_mellon
+    "Shib-*",
+    "Mellon-*",
+)
+# Security: headers through which frameworks and proxies (IIS URL Rewrite, Symfony, Laravel,
+# Envoy, Traefik, nginx auth_request, Werkzeug ProxyFix...) take the request's URL or path from
+# a header instead of the request line. The sidecar checks the request line only, so these are
+# removed from every request, even one from a trusted proxy.
+URL_OVERRIDE_HEADERS = (
+    "X-Original-URL",
+    "X-Original-URI",
+    "X-Original-Path",
+    "X-Rewrite-URL",
+    "X-Override-URL",
+    "X-Forwarded-Uri",
+    "X-Forwarded-Url",
+    "X-Forwarded-Path",
+    "X-Forwarded-Prefix",
+    "X-Script-Name",
+    "X-Envoy-Original-Path",
+    "X-Envoy-Original-Url",
+    "X-Envoy-Original-Host",
+)
+# Message framing: only the exact names count; a look-alike (Content_Length, content.length)
+# is removed, since an upstream folding separators could take it for the real one.
+_FRAMING = frozenset({"content-length", "transfer-encoding"})
+
 COUCHDB_USER = "X-Auth-CouchDB-UserName"
 COUCHDB_ROLES = "X-Auth-CouchDB-Roles"
 COUCHDB_TOKEN = "X-Auth-CouchDB-Token"
 REQUEST_ID = "X-Request-ID"
 
-# Bytes written as-is in identity values: visible ASCII except "%" (the escape itself) and ","
-# (the list separator), so the encoding is injective: two different names never produce
+# Bytes written as-is in email and list values: visible ASCII except "%" (the escape itself) and
+# "," (the list separator), so the encoding is injective: two different values never produce
 # the same header value, and one role can never turn into two.
 _VERBATIM = frozenset(range(0x21, 0x7F)) - {ord("%"), ord(",")}
 _PLAIN = re.compile(r"[\x21-\x24\x26-\x2B\x2D-\x7E]*")  # _VERBATIM as a pattern
+_VISIBLE = re.compile(r"[\x21-\x7E]+")  # a user name sent as is
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,10 +174,57 @@ class CouchDBHeaders:
     secret: str | None = field(default=None, repr=False)  # chttpd_auth/secret; adds the token
 
 
+# Every separator a header name may contain (RFC 9110 5.6.2 tchar minus letters and digits).
+_SEPARATOR_TO_DASH = str.maketrans({c: "-" for c in "!#$%&'*+.^_`|~"})
+
+
+@functools.lru_cache(maxsize=1024)  # the same few header names recur on every request
 def _norm(name: str) -> str:
     # Security: CGI/WSGI-style upstreams map "_" to "-" (X_Forwarded_User arrives as
-    # HTTP_X_FORWARDED_USER), so look-alikes are compared with "_" folded into "-".
-    return name.lower().replace("_", "-")
+    # HTTP_X_FORWARDED_USER), others fold more separators; so look-alikes are compared with
+    # every separator folded into "-".
+    return name.lower().translate(_SEPARATOR_TO_DASH)
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderSet:
+    """Header names compared folded (`_norm`): exact names and "prefix*" prefixes."""
+
+    names: frozenset[str]
+    prefixes: tuple[str, ...]
+
+    @classmethod
+    def of(cls, patterns: Iterable[str]) -> HeaderSet:
+        patterns = tuple(patterns)
+        return cls(
+            frozenset(_norm(p) for p in patterns if not p.endswith("*")),
+            tuple(_norm(p[:-1]) for p in patterns if p.endswith("*")),
+        )
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and (key in self.names or key.startswith(self.prefixes))
+
+
+_URL_OVERRIDE = HeaderSet.of(URL_OVERRIDE_HEADERS)
+
+
+@functools.lru_cache(maxsize=16)  # one per configured list: built once, not per request
+def removed_headers(extra: tuple[str, ...] = ()) -> HeaderSet:
+    """The foreign identity headers plus `extra` (`strip_request_headers`) as one set."""
+    return HeaderSet.of(FOREIGN_IDENTITY_HEADERS + extra)
+
+
+def header_username(name: str) -> str:
+    """The user name as X-Forwarded-User and X-Auth-CouchDB-UserName carry it: exactly.
+
+    Names from a login are Sync Gateway's query-escaped form (`bob%40example.com`), visible
+    ASCII, and go as they are, never escaped twice. A name with anything else in it (a space,
+    a control byte, non-ASCII: only the admin API can create one) has no exact header form
+    that another name could not also produce, so the request is refused instead (fail closed).
+    """
+    if _VISIBLE.fullmatch(name):
+        return name
+    raise Forbidden("the user name cannot be passed upstream exactly (not visible ASCII)")
 
 
 @functools.lru_cache(maxsize=4096)  # the same few names and grants recur on every request
@@ -138,12 +287,17 @@ def upstream_request_headers(
     session_cookie_name: str,
     request_id: str | None,
     couchdb: CouchDBHeaders | CouchDBProxyAuth | None = None,
+    strip: tuple[str, ...] = (),
 ) -> CIMultiDict[str]:
     """The headers to send upstream for a request from `peer` made on behalf of `identity`.
 
     `incoming` should be the request's CIMultiDictProxy so repeated headers stay repeated.
     `trusted`: `peer` is a configured trusted proxy (see `client_ip_trusted`), so its
     X-Forwarded-* / Forwarded claims are kept and extended rather than replaced.
+    `host`: the request's Host, already checked by `request_head.check_request_head`.
+    `strip`: more header names (or "prefix*") to remove, from `strip_request_headers`.
+    Raises Forbidden when the user name has no exact header form (`header_username`), and
+    BadRequest when a trusted proxy's X-Forwarded-Host is not a valid host (`valid_host`).
     """
     connection_named = _connection_tokens(incoming)
     # Security (request smuggling): with Transfer-Encoding the length is the chunks', never a
@@ -151,6 +305,7 @@ def upstream_request_headers(
     chunked = any(name.lower() == "transfer-encoding" for name in incoming)
     # Security: only the sidecar speaks for the caller; every client copy of these goes.
     ours = {_norm(n) for n in (names.user, names.email, names.roles, names.channels)}
+    removed = removed_headers(strip)
     out: CIMultiDict[str] = CIMultiDict()
     forwarded_for: list[str] = []
     for name, value in incoming.items():
@@ -161,9 +316,12 @@ def upstream_request_headers(
             or key in WEBSOCKET_HANDSHAKE
             or key in _REPLACED
             or (chunked and key == "content-length")
+            or (key in _FRAMING and name.lower() != key)  # security: framing look-alikes
         ):
             continue
-        if key in ours or key.startswith(_COUCHDB_PREFIX):  # security: identity spoofing
+        if key in ours or key in removed:  # security: identity spoofing, ours or others'
+            continue
+        if key in _URL_OVERRIDE:  # security: the path checked is the request line's only
             continue
         if key in _FORWARDING:
             # Security: believe forwarding claims only from a trusted proxy, and only under
@@ -171,6 +329,12 @@ def upstream_request_headers(
             if trusted and name.lower() == key:
                 if key == "x-forwarded-for":
                     forwarded_for.append(value.strip())
+                elif key == "x-forwarded-host" and not all(
+                    valid_host(h.strip()) for h in value.split(",")
+                ):
+                    # Security: a trusted proxy may pass a client's value on untouched; it
+                    # must meet the rule the sidecar applies to Host itself.
+                    raise BadRequest("invalid X-Forwarded-Host")
                 else:
                     out.add(name, value)
             continue
@@ -195,7 +359,7 @@ def upstream_request_headers(
     if host and "X-Forwarded-Host" not in out:
         out["X-Forwarded-Host"] = host
 
-    user = encode_value(identity.name)
+    user = header_username(identity.name)
     out[names.user] = user
     if identity.email:
         out[names.email] = encode_value(identity.email)

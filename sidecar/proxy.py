@@ -70,26 +70,6 @@ def _client_timeout(connect: float, read: float) -> aiohttp.ClientTimeout:
     return aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect, sock_read=read)
 
 
-def target_url(base: str, path_qs_raw: str) -> URL:
-    """`base` (the upstream's URL) joined with the raw request target, byte for byte.
-
-    Nothing is decoded, re-quoted or normalised: "%2F" in a document ID stays "%2F" (only an
-    empty query, a bare trailing "?", is dropped by yarl). Targets the upstream could read
-    differently from the sidecar's own routing are refused instead.
-    """
-    path, _, _ = path_qs_raw.partition("?")
-    if not path.startswith("/"):
-        raise BadRequest("request target must be an absolute path")
-    if any(not 0x20 < ord(c) < 0x7F or c == "#" for c in path_qs_raw):
-        raise BadRequest("request target contains characters that must be percent-encoded")
-    # Security: an upstream that decodes %2E and removes dot segments would route
-    # "/db/public/%2e%2e/_all_docs" somewhere the sidecar's checks never looked.
-    for segment in path.split("/"):
-        if segment.lower().replace("%2e", ".") in (".", ".."):
-            raise BadRequest("request path contains dot segments")
-    return URL(base.rstrip("/") + path_qs_raw, encoded=True)
-
-
 def _upstream_failure(exc: BaseException) -> SidecarError:
     """Map a failed upstream exchange to the error the client sees (no upstream address)."""
     if isinstance(exc, TimeoutError):  # aiohttp's connect and read timeouts included
