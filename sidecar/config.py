@@ -302,7 +302,7 @@ class Settings(Model):
     demo_upstream: bool = False  # serve a small built-in upstream (for `make run`)
     # HTTP client of the proxied path: aiohttp's ClientSession, or the lean httptools one
     # (sidecar/upstream_h1.py). WebSockets always go through aiohttp's client.
-    upstream_transport: Literal["aiohttp", "h1"] = "aiohttp"
+    upstream_transport: Literal["aiohttp", "h1"] = "h1"
 
     @field_validator("interface", "admin_interface")
     @classmethod

@@ -21,6 +21,7 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import AsyncIterable
+from typing import cast
 
 import aiohttp
 import httptools
@@ -85,8 +86,8 @@ class _Connection(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if not self.busy or self._complete:
