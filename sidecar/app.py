@@ -28,6 +28,7 @@ from sidecar.proxy import Forwarder, make_client_session
 from sidecar.sessions import routes as session_routes
 from sidecar.sessions.store import create_store
 from sidecar.sgbridge import SessionBridge
+from sidecar.upstream_h1 import H1Pool
 from sidecar.websockets import WebSocketRegistry
 
 log = logging.getLogger("sidecar")
@@ -97,12 +98,19 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         )
         stack.push_async_callback(provider_http.close)
         app[keys.PROVIDER_HTTP] = provider_http
+        h1 = None
+        if settings.upstream_transport == "h1":
+            h1 = H1Pool(
+                connect_timeout=timeouts.upstream_connect, read_timeout=timeouts.upstream_read
+            )
+            stack.push_async_callback(h1.close)
         app[keys.FORWARDER] = Forwarder(
             upstream_http,
             connect_timeout=timeouts.upstream_connect,
             read_timeout=timeouts.upstream_read,
             max_body_bytes=settings.max_body_bytes,
             disconnect_poll_interval=None,  # make_runner's handler_cancellation does it
+            h1=h1,
         )
 
         store = create_store(

@@ -380,6 +380,9 @@ class Settings(Model):
     shutdown_grace_seconds: float = Field(default=25.0, ge=0, le=3600)
     max_body_bytes: int | None = Field(default=None, ge=0)  # None: unlimited, streamed
     demo_upstream: bool = False  # serve a small built-in upstream (for `make run`)
+    # HTTP client of the proxied path: aiohttp's ClientSession, or the lean httptools one
+    # (sidecar/upstream_h1.py). WebSockets always go through aiohttp's client.
+    upstream_transport: Literal["aiohttp", "h1"] = "h1"
 
     @field_validator("interface", "admin_interface")
     @classmethod

@@ -26,6 +26,7 @@ from sidecar.errors import (
     UpstreamError,
 )
 from sidecar.headers import downstream_response_headers
+from sidecar.upstream_h1 import H1Pool, H1Response
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,9 @@ class Forwarder:
     """Relays requests and WebSockets to the upstream through one pooled ClientSession.
 
     The session must come from `make_client_session` (or be built the same way: above all
-    `auto_decompress=False`, and no cookie jar).
+    `auto_decompress=False`, and no cookie jar). With `h1`, plain HTTP exchanges go through
+    that leaner transport instead (config `upstream_transport: h1`); WebSockets always use
+    the session.
     """
 
     def __init__(
@@ -153,8 +156,10 @@ class Forwarder:
         ws_max_msg_size: int = DEFAULT_WS_MAX_MSG_SIZE,
         ws_close_timeout: float = 10.0,
         disconnect_poll_interval: float | None = 1.0,
+        h1: H1Pool | None = None,
     ) -> None:
         self._session = session
+        self._h1 = h1
         self._timeout = _client_timeout(connect_timeout, read_timeout)
         self._handshake_timeout = connect_timeout + read_timeout
         self._max_body = max_body_bytes
@@ -208,16 +213,22 @@ class Forwarder:
         before_send: Callable[[web.StreamResponse], None] | None = None,
     ) -> web.StreamResponse:
         body = _RequestBody(request.content, self._max_body) if request.body_exists else None
+        upstream: aiohttp.ClientResponse | H1Response
         try:
-            upstream = await self._session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=body.chunks() if body is not None else None,
-                allow_redirects=False,  # redirects are the client's to follow
-                auto_decompress=False,
-                timeout=self._timeout,
-            )
+            if self._h1 is not None:
+                upstream = await self._h1.request(
+                    request.method, url, headers, body.chunks() if body is not None else None
+                )
+            else:
+                upstream = await self._session.request(
+                    request.method,
+                    url,
+                    headers=headers,
+                    data=body.chunks() if body is not None else None,
+                    allow_redirects=False,  # redirects are the client's to follow
+                    auto_decompress=False,
+                    timeout=self._timeout,
+                )
         except (aiohttp.ClientError, OSError) as exc:
             if body is not None and body.too_large:
                 raise PayloadTooLarge(f"request body exceeds {self._max_body} bytes") from None

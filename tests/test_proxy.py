@@ -26,6 +26,7 @@ from sidecar.headers import upstream_request_headers
 from sidecar.identity import Identity
 from sidecar.proxy import Forwarder, make_client_session
 from sidecar.targets import target_url
+from sidecar.upstream_h1 import H1Pool
 
 MiB = 1024 * 1024
 IDENTITY = Identity(name="alice", email="alice@example.com", roles=frozenset({"editor", "admin"}))
@@ -251,9 +252,11 @@ async def _errors(
         return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
 
 
-@pytest.fixture
-async def make_proxy() -> AsyncIterator[MakeProxy]:
+@pytest.fixture(params=["aiohttp", "h1"])
+async def make_proxy(request: pytest.FixtureRequest) -> AsyncIterator[MakeProxy]:
+    """Every forwarder test runs against both upstream transports."""
     sessions: list[aiohttp.ClientSession] = []
+    pools: list[H1Pool] = []
     runners: list[web.AppRunner] = []
 
     async def make(
@@ -268,6 +271,10 @@ async def make_proxy() -> AsyncIterator[MakeProxy]:
         sessions.append(session)
         kwargs.setdefault("max_body_bytes", None)
         kwargs.setdefault("disconnect_poll_interval", 0.05)
+        if request.param == "h1":
+            pool = H1Pool(connect_timeout=connect_timeout, read_timeout=read_timeout)
+            pools.append(pool)
+            kwargs["h1"] = pool
         forwarder = Forwarder(
             session, connect_timeout=connect_timeout, read_timeout=read_timeout, **kwargs
         )
@@ -306,6 +313,8 @@ async def make_proxy() -> AsyncIterator[MakeProxy]:
         await runner.cleanup()
     for session in sessions:
         await session.close()
+    for pool in pools:
+        await pool.close()
 
 
 @pytest.fixture
