@@ -31,6 +31,7 @@ _FAILURES = (RedisError, RedisClusterException, OSError)
 _WATCH_ATTEMPTS = 5
 _NO_RETRY = Retry(NoBackoff(), 0)
 _BACKOFF_MIN, _BACKOFF_MAX = 0.1, 2.0  # pub/sub reconnection, seconds
+_GROUP_BATCH = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,6 +449,36 @@ class RedisStore(SessionStore):
         with self._unavailable():
             raw = await self._redis.getdel(self._record_key(kind, key))  # atomic: single use
         return None if raw is None else _record(raw)
+
+    def _group_key(self, kind: str, key: str) -> str:
+        return f"{self._prefix}g:{kind}:{key}"
+
+    async def _add_to_group(self, kind: str, key: str, member: str, ttl: int) -> None:
+        name = self._group_key(kind, key)
+        with self._unavailable():
+            async with self._redis.pipeline(transaction=self._atomic) as pipe:
+                pipe.sadd(name, member)
+                self._cover(pipe, name, max(1, ttl) * 1000)
+                await pipe.execute()
+
+    async def _take_group(self, kind: str, key: str) -> list[str]:
+        name = self._group_key(kind, key)
+        members: list[str] = []
+        with self._unavailable():
+            while True:
+                # SPOP with a count is one atomic command: a member goes to one taker only.
+                popped = await self._redis.spop(name, _GROUP_BATCH)
+                members += (_text(m) for m in popped or () if isinstance(m, bytes | str))
+                if not popped or len(popped) < _GROUP_BATCH:
+                    break
+        return sorted(members)
+
+    async def _put_record_if_absent(
+        self, kind: str, key: str, value: Mapping[str, Any], ttl: int
+    ) -> bool:
+        data = json.dumps(dict(value), separators=(",", ":"))
+        with self._unavailable():
+            return bool(await self._redis.set(self._record_key(kind, key), data, ex=ttl, nx=True))
 
     async def _publish(self, event: StoreEvent) -> None:
         payload = {
