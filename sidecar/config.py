@@ -137,8 +137,11 @@ class ProviderConfig(Model):
     # Extra audiences besides client_id that a token may carry (RFC 7519 aud); empty = none.
     trusted_audiences: tuple[str, ...] = ()
     allowed_algorithms: tuple[str, ...] | None = None
+    # RP-Initiated Logout 1.0: where the provider sends the browser after its logout (must be
+    # registered there); default: the sidecar's own /{db}/_oidc_logout/done page.
+    post_logout_redirect_uri: str | None = None
 
-    @field_validator("issuer", "discovery_url", "callback_url")
+    @field_validator("issuer", "discovery_url", "callback_url", "post_logout_redirect_uri")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         return None if value is None else _http_url(value, what="URL")

@@ -1,18 +1,11 @@
 """The store primitives logout needs, on every implementation (the contract suite's fixtures):
 groups of sessions by the provider's `sid`, and single-use records for logout-token `jti`s."""
 
+# ruff: noqa: F401, F811  (fixtures imported from the contract suite are used as parameters)
 from __future__ import annotations
 
-from test_session_store import (  # noqa: F401  (fixtures, used by name)
-    ALICE,
-    BOB,
-    DB,
-    T,
-    login,
-    redis_cluster,
-    redis_server,
-    store,
-)
+# The contract suite's fixtures, imported so pytest finds them here by name.
+from test_session_store import ALICE, BOB, DB, T, login, redis_cluster, redis_server, store
 
 from sidecar.sessions.store import SessionStore, StoreEvent
 

@@ -23,12 +23,15 @@ from sidecar.config import OIDCConfig, ProviderConfig
 from sidecar.errors import BadRequest, ProviderError
 from sidecar.oidc.algorithms import ASYMMETRIC_ALGORITHMS, DEFAULT_ALGORITHMS
 from sidecar.oidc.tokens import (
+    ParsedToken,
     TokenError,
     VerifiedTokenCache,
     check_header,
+    check_logout_header,
     check_nonce,
     parse_jwks,
     parse_token,
+    verify_logout_token,
     verify_parsed,
 )
 from sidecar.streams import read_bounded
@@ -413,20 +416,46 @@ class Provider:
             "trusted_audiences": self.config.trusted_audiences,
         }
         try:
-            try:
-                claims = verify_parsed(parsed, keys=keys, now=self._clock(), **options)
-            except TokenError as exc:
-                if exc.code != "unknown_kid":
-                    raise
-                refreshed = await self._refetch_for_unknown_kid()
-                if refreshed is None:
-                    raise
-                claims = verify_parsed(parsed, keys=refreshed, now=self._clock(), **options)
+            claims = await self._verify(parsed, keys, verify_parsed, options)
         except TokenError as exc:
             self.cache.put_failure(token, issuer, client_id, exc, self._clock())
             raise
         self.cache.put(token, issuer, client_id, claims)
         return claims
+
+    async def validate_logout_token(self, token: str, *, leeway: int) -> dict[str, Any]:
+        """The claims of a valid Back-Channel Logout 1.0 logout token from this provider (not
+        cached: each is used once); TokenError or ProviderError. Replay is the caller's check."""
+        parsed = parse_token(token)
+        check_logout_header(parsed.header, self.config.allowed_algorithms or ASYMMETRIC_ALGORITHMS)
+        metadata = await self.ensure_metadata()
+        keys = await self.ensure_keys()
+        options: dict[str, Any] = {
+            "issuer": self.config.issuer,
+            "client_id": self.config.client_id,
+            "allowed_algs": allowed_algorithms(self.config, metadata),
+            "leeway": leeway,
+            "trusted_audiences": self.config.trusted_audiences,
+        }
+        return await self._verify(parsed, keys, verify_logout_token, options)
+
+    async def _verify(
+        self,
+        parsed: ParsedToken,
+        keys: KeySet,
+        verify: Callable[..., dict[str, Any]],
+        options: dict[str, Any],
+    ) -> dict[str, Any]:
+        """`verify` with the cached keys, once more after a JWKS re-fetch for an unknown kid."""
+        try:
+            return verify(parsed, keys=keys, now=self._clock(), **options)
+        except TokenError as exc:
+            if exc.code != "unknown_kid":
+                raise
+            refreshed = await self._refetch_for_unknown_kid()
+            if refreshed is None:
+                raise
+            return verify(parsed, keys=refreshed, now=self._clock(), **options)
 
     async def _refetch_for_unknown_kid(self) -> KeySet | None:
         try:

@@ -20,6 +20,8 @@ from sidecar import keys
 from sidecar.auth import login_user
 from sidecar.databases import Database
 from sidecar.errors import BadRequest, NotFound, ProviderError, Unauthorized
+from sidecar.observability import audit
+from sidecar.oidc import logout
 from sidecar.oidc.client import LoginRequest, authorization_url, new_login, token_request
 from sidecar.oidc.provider import Provider, ProviderRegistry
 from sidecar.oidc.tokens import TokenError
@@ -187,6 +189,7 @@ async def oidc_callback(request: web.Request) -> web.StreamResponse:
     )
     claims = await _validate(request, provider, tokens["id_token"], nonce=login.nonce)
     user = await login_user(store, db, provider.name, provider.config, claims)
+    audit("login", user=user.name, provider=provider.name, db=db.name, reason="code flow")
     refresh_token = tokens.get("refresh_token")
     if isinstance(refresh_token, str) and refresh_token:
         await store.put_record(
@@ -226,6 +229,7 @@ async def oidc_refresh(request: web.Request) -> web.StreamResponse:
     if isinstance(new_refresh, str) and new_refresh and new_refresh != refresh_token:
         await store.put_record("refresh", _digest(new_refresh), binding, REFRESH_BINDING_TTL)
     user = await login_user(store, db, provider.name, provider.config, claims)
+    audit("refresh", user=user.name, provider=provider.name, db=db.name, reason="refresh token")
     return await _session_answer(
         request, db, provider, user, tokens, {"id_token": tokens["id_token"]}
     )
@@ -291,6 +295,7 @@ async def _session_answer(
             user, ttl=settings.session.ttl, provider=provider.name, now=time.time()
         )
         request.app[keys.METRICS].sessions_created.labels("oidc").inc()
+        await logout.remember_login(request, db, provider, session, tokens["id_token"])
         body["session_id"] = session_id
     body["name"] = user.name
     if provider.config.include_access:
@@ -309,4 +314,5 @@ def routes() -> list[web.RouteDef]:
         web.get("/{db}/_oidc_challenge", oidc_challenge),
         web.get("/{db}/_oidc_callback", oidc_callback),
         web.get("/{db}/_oidc_refresh", oidc_refresh),
+        *logout.routes(),  # /{db}/_oidc_logout, _oidc_backchannel_logout
     ]

@@ -3,6 +3,7 @@ name, path /{db})."""
 
 from __future__ import annotations
 
+import hashlib
 from email.utils import formatdate
 from http.cookies import SimpleCookie
 
@@ -55,3 +56,9 @@ def sets_session_cookie(response: web.StreamResponse, db: Database) -> bool:
     """Whether the handler already wrote a session cookie into this answer."""
     prefix = db.cookie_name + "="
     return any(v.startswith(prefix) for v in response.headers.getall("Set-Cookie", ()))
+
+
+def logout_csrf_token(session_id: str) -> str:
+    """The sign-out form's CSRF token: bound to the session cookie (which a cross-site page can
+    neither read nor choose), so only a page the sidecar served to this browser knows it."""
+    return hashlib.sha256(("logout-csrf:" + session_id).encode()).hexdigest()
