@@ -21,6 +21,7 @@ from joserfc.jwk import KeySet
 
 from sidecar.config import OIDCConfig, ProviderConfig
 from sidecar.errors import BadRequest, ProviderError
+from sidecar.oidc import self_fetch
 from sidecar.oidc.algorithms import ASYMMETRIC_ALGORITHMS, DEFAULT_ALGORITHMS
 from sidecar.oidc.tokens import (
     ParsedToken,
@@ -245,7 +246,7 @@ class Provider:
             async with self._http.get(
                 url,
                 timeout=self._timeout,
-                headers={"Accept": "application/json"},
+                headers={"Accept": "application/json", **self_fetch.headers_for(url)},
                 max_redirects=3,
             ) as resp:
                 if resp.status != 200:
