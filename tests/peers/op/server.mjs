@@ -161,6 +161,9 @@ function providerConfiguration(config) {
       rpInitiatedLogout: { enabled: true },
       backchannelLogout: { enabled: true },
     },
+    // The library's outgoing requests (back-channel logout tokens) refuse loopback addresses
+    // (SSRF protection); every RP of this test OP is on 127.0.0.1, so drop that dispatcher.
+    fetch: (url, { dispatcher: _ssrfGuard, ...options }) => globalThis.fetch(url, options),
     pkce: { required: (_ctx, client) => client.clientAuthMethod === 'none' },
     issueRefreshToken: async (_ctx, client) => client.grantTypeAllowed('refresh_token'),
     expiresWithSession: async () => false,
@@ -212,6 +215,10 @@ async function main() {
   const actualPort = server.address().port;
   const issuer = `http://127.0.0.1:${actualPort}`;
   const provider = new Provider(issuer, providerConfiguration(config));
+  // A refused logout token is otherwise silent: say why on stderr (the harness keeps it).
+  provider.on('backchannel.error', (_ctx, error, client) => {
+    console.error(`backchannel logout to ${client.clientId} failed: ${error.message}`);
+  });
   handler = provider.callback();
   process.stdout.write(`${JSON.stringify({ issuer, port: actualPort })}\n`);
 }
