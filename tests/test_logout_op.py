@@ -19,6 +19,8 @@ from support.sidecar import Upstream, base_config, sidecar_process
 from test_logout import _Form
 from yarl import URL
 
+from sidecar.oidc.provider import parse_metadata
+
 COOKIE = "SyncGatewaySession"
 
 
@@ -170,3 +172,12 @@ async def test_a_logout_at_the_provider_ends_the_session_on_both_replicas(
             for replica in (a, b):
                 async with plain.get(f"{replica.url}/{DB}/doc", headers=cookie) as r:
                     assert r.status == 401
+
+
+async def test_the_providers_logout_metadata_is_read(op: OpenIDProvider) -> None:
+    async with aiohttp.ClientSession() as http, http.get(op.discovery_url) as r:
+        document = await r.json()
+    metadata = parse_metadata(document, expected_issuer=op.issuer)
+    assert metadata.end_session_endpoint == f"{op.issuer}/session/end"
+    assert metadata.backchannel_logout_supported
+    assert metadata.backchannel_logout_session_supported

@@ -200,7 +200,13 @@ def _cross_origin(request: web.Request) -> bool:
     if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
         return True
     origin = request.headers.get("Origin")
-    return origin is not None and origin.lower() != _origin(public_base(request))
+    if origin is None:
+        return False
+    if request.app[keys.SETTINGS].public_url:
+        return origin.lower() != _origin(public_base(request))
+    # Without public_url the scheme seen here may be a TLS-terminating proxy's http: compare
+    # the host (and port) the browser addressed.
+    return urlsplit(origin).netloc.lower() != request.host.lower()
 
 
 async def logout(request: web.Request) -> web.StreamResponse:

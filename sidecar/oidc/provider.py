@@ -62,6 +62,9 @@ class ProviderMetadata:
     id_token_signing_alg_values_supported: tuple[str, ...]
     token_endpoint_auth_methods_supported: tuple[str, ...]
     code_challenge_methods_supported: tuple[str, ...]
+    # OIDC Back-Channel Logout 1.0 section 2.1: whether the OP sends logout tokens (with sid).
+    backchannel_logout_supported: bool
+    backchannel_logout_session_supported: bool
     raw: Mapping[str, Any] = field(repr=False)
 
 
@@ -133,6 +136,9 @@ def parse_metadata(doc: Any, *, expected_issuer: str | None) -> ProviderMetadata
             doc, "token_endpoint_auth_methods_supported"
         ),
         code_challenge_methods_supported=_str_list(doc, "code_challenge_methods_supported"),
+        backchannel_logout_supported=doc.get("backchannel_logout_supported") is True,
+        backchannel_logout_session_supported=doc.get("backchannel_logout_session_supported")
+        is True,
         raw=doc,
     )
 
