@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import aiohttp
 import pytest
@@ -17,6 +16,7 @@ from support.op import OPClient, OpenIDProvider, browser_login, browser_logout
 from support.redis_server import RedisServer, free_port
 from support.sidecar import Upstream, base_config, sidecar_process
 from test_logout import _Form
+from test_replicas import Replica
 from yarl import URL
 
 from sidecar.oidc.provider import parse_metadata
@@ -89,16 +89,6 @@ async def test_rp_initiated_logout_through_the_provider_and_back(harness: LoginH
         assert (done.status, done.headers["Location"]) == (302, "/db/after")
         again = await harness.get(http, back)  # the state is single-use
         assert again.status == 200 and "Signed out" in again.text
-
-
-@dataclass(frozen=True)
-class Replica:
-    port: int
-    admin_port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
 
 @pytest.fixture

@@ -248,6 +248,27 @@ def check_issuer_audience(
         raise TokenError("untrusted audience in aud", "audience")
 
 
+def check_times(
+    claims: Mapping[str, Any], *, now: float, leeway: int, exp_required: bool
+) -> float | None:
+    """exp, nbf and iat against the clock (RFC 7519 4.1.4-4.1.6); returns iat."""
+    # OIDC Core 3.1.3.7 step 9 / RFC 7519 4.1.4: exp in the future (minus leeway).
+    exp = _numeric(claims, "exp", "expired", required=exp_required)
+    if exp is not None and exp <= now - leeway:
+        raise TokenError("token expired", "expired")
+
+    # RFC 7519 4.1.5: nbf, when present, not in the future (plus leeway).
+    nbf = _numeric(claims, "nbf", "not_yet_valid", required=False)
+    if nbf is not None and nbf > now + leeway:
+        raise TokenError("token not yet valid", "not_yet_valid")
+
+    # Step 10 / OIDC Core 2: iat required; a token issued in the future is refused.
+    iat = _numeric(claims, "iat", "iat", required=True)
+    if iat is not None and iat > now + leeway:
+        raise TokenError("iat in the future", "iat")
+    return iat
+
+
 def check_claims(
     claims: Mapping[str, Any],
     *,
@@ -267,20 +288,7 @@ def check_claims(
     if "azp" in claims and claims["azp"] != client_id:
         raise TokenError("azp is not client_id", "azp")
 
-    # Step 9 / RFC 7519 4.1.4: exp required, in the future (minus leeway).
-    exp = _numeric(claims, "exp", "expired", required=True)
-    if exp is not None and exp <= now - leeway:
-        raise TokenError("token expired", "expired")
-
-    # RFC 7519 4.1.5: nbf, when present, not in the future (plus leeway).
-    nbf = _numeric(claims, "nbf", "not_yet_valid", required=False)
-    if nbf is not None and nbf > now + leeway:
-        raise TokenError("token not yet valid", "not_yet_valid")
-
-    # Step 10 / OIDC Core 2: iat required; a token issued in the future is refused.
-    iat = _numeric(claims, "iat", "iat", required=True)
-    if iat is not None and iat > now + leeway:
-        raise TokenError("iat in the future", "iat")
+    check_times(claims, now=now, leeway=leeway, exp_required=True)
 
     # OIDC Core 2: sub required, a non-empty string of at most 255 characters.
     sub = claims.get("sub")
@@ -388,18 +396,10 @@ def check_logout_claims(
     check_issuer_audience(
         claims, issuer=issuer, client_id=client_id, trusted_audiences=trusted_audiences
     )
-    # Step 3 (RFC 7519 4.1.6): iat required, neither in the future nor too old.
-    iat = _numeric(claims, "iat", "iat", required=True)
-    if iat is not None and iat > now + leeway:
-        raise TokenError("iat in the future", "iat")
+    # Step 3 (RFC 7519 4.1.6): iat required, neither in the future nor too old; exp optional.
+    iat = check_times(claims, now=now, leeway=leeway, exp_required=False)
     if iat is not None and iat < now - max_age - leeway:
         raise TokenError("logout token too old", "iat")
-    exp = _numeric(claims, "exp", "expired", required=False)
-    if exp is not None and exp <= now - leeway:
-        raise TokenError("token expired", "expired")
-    nbf = _numeric(claims, "nbf", "not_yet_valid", required=False)
-    if nbf is not None and nbf > now + leeway:
-        raise TokenError("token not yet valid", "not_yet_valid")
     # Step 5: events holds the back-channel logout event, as a JSON object.
     events = claims.get("events")
     if not isinstance(events, dict) or not isinstance(events.get(LOGOUT_EVENT), dict):
