@@ -19,8 +19,11 @@ from support.sidecar import Sidecar, Upstream, base_config, running_sidecar
 from test_observability import config, json_log, lines  # noqa: F401  (json_log: a fixture)
 from yarl import URL
 
+from sidecar import keys
+from sidecar.oidc.logout import sid_group
 from sidecar.oidc.tokens import LOGOUT_EVENT
 from sidecar.sessions.cookies import logout_csrf_token
+from sidecar.sessions.models import hash_session_id
 
 AUDIT_KEYS = {"time", "level", "logger", "msg", "event", "user", "provider", "db", "reason"}
 
@@ -143,16 +146,25 @@ async def test_backchannel_logout_writes_an_audit_line(
         "events": {LOGOUT_EVENT: {}},
     }
     token = jwt_factory.mint(key_server.key, claims)
+    by_sid = jwt_factory.mint(key_server.key, claims | {"jti": uuid.uuid4().hex, "sid": "S"})
     async with running_sidecar(settings) as sidecar, aiohttp.ClientSession() as http:
         await admin_session(sidecar.admin_url, "db", "ks_u1")
-        async with http.post(
-            f"{sidecar.url}/db/_oidc_backchannel_logout", data={"logout_token": token}
-        ) as r:
-            assert r.status == 200, await r.text()
-    (line,) = audits(json_log, "backchannel_logout")
-    assert (line["provider"], line["db"], line["sessions"]) == ("ks", "db", 1)
-    assert line["reason"] == "provider logout (sub)"
-    assert token not in json_log.getvalue()
+        session_id = await admin_session(sidecar.admin_url, "db", "ks_u2")
+        await sidecar.app[keys.STORE].link_sessions(
+            "sid", sid_group("db", "ks", "S"), hash_session_id(session_id), 60
+        )
+        for logout_token in (token, by_sid):
+            async with http.post(
+                f"{sidecar.url}/db/_oidc_backchannel_logout", data={"logout_token": logout_token}
+            ) as r:
+                assert r.status == 200, await r.text()
+    by_sub_line, by_sid_line = audits(json_log, "backchannel_logout")
+    assert by_sub_line | {"provider": "ks", "db": "db", "sessions": 1} == by_sub_line
+    assert (by_sub_line["user"], by_sub_line["reason"]) == ("ks_u1", "provider logout (sub)")
+    assert by_sid_line | {"provider": "ks", "db": "db", "sessions": 1} == by_sid_line
+    assert (by_sid_line["user"], by_sid_line["reason"]) == ("ks_u2", "provider logout (sid)")
+    for secret in (token, by_sid, session_id):
+        assert secret not in json_log.getvalue()
 
 
 async def test_access_log_names_the_listener_and_skips_the_sidecars_own_fetches(

@@ -21,7 +21,13 @@ from support.sidecar import Sidecar, Upstream, base_config, running_sidecar
 
 from sidecar import keys
 from sidecar.oidc.logout import safe_return_target, sid_group
-from sidecar.oidc.tokens import LOGOUT_EVENT
+from sidecar.oidc.tokens import (
+    LOGOUT_EVENT,
+    LOGOUT_TOKEN_MAX_AGE,
+    TokenError,
+    check_logout_claims,
+    check_logout_header,
+)
 from sidecar.sessions.cookies import logout_csrf_token
 from sidecar.sessions.models import hash_session_id
 
@@ -442,3 +448,97 @@ async def test_done_page_with_an_unknown_state(env: Env) -> None:
         async with http.get(f"{env.url}/{DB}/_oidc_logout/done", params={"state": "unknown"}) as r:
             assert r.status == 200
             assert_page_headers(r.headers)
+
+
+# --- the pure rules ----------------------------------------------------------------------------
+
+NOW = 1_900_000_000
+LEEWAY = 60
+
+
+def pure_claims(**overrides: Any) -> dict[str, Any]:
+    claims: dict[str, Any] = {
+        "iss": "https://op",
+        "aud": "c",
+        "iat": NOW,
+        "jti": "j",
+        "sid": "s",
+        "events": {LOGOUT_EVENT: {}},
+    }
+    claims.update(overrides)
+    return {k: v for k, v in claims.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "code"),
+    [
+        ({}, None),
+        ({"iat": NOW - LOGOUT_TOKEN_MAX_AGE - LEEWAY}, None),  # the oldest accepted
+        ({"iat": NOW - LOGOUT_TOKEN_MAX_AGE - LEEWAY - 1}, "iat"),
+        ({"iat": NOW + LEEWAY}, None),
+        ({"iat": NOW + LEEWAY + 1}, "iat"),
+        ({"iat": "now"}, "iat"),
+        ({"iat": True}, "iat"),
+        ({"exp": NOW - LEEWAY}, "expired"),
+        ({"exp": NOW - LEEWAY + 1}, None),
+        ({"nbf": NOW + LEEWAY + 1}, "not_yet_valid"),
+        ({"sid": None, "sub": "u"}, None),
+        ({"sid": 5}, "sid"),
+        ({"sub": ""}, "sub"),
+        ({"sub": "x" * 256}, "sub"),
+        ({"jti": ""}, "jti"),
+        ({"jti": "x" * 256}, "jti"),
+        ({"events": [LOGOUT_EVENT]}, "events"),
+        ({"events": {LOGOUT_EVENT: {}, "other": {}}}, None),  # other events may ride along
+        ({"nonce": None, "aud": ["c"]}, None),
+        ({"nonce": ""}, "nonce"),  # present at all is refused
+        ({"iss": "https://op/"}, "issuer"),
+    ],
+)
+def test_logout_claim_rules(overrides: dict[str, Any], code: str | None) -> None:
+    claims = pure_claims(**overrides)
+    if code is None:
+        check_logout_claims(claims, issuer="https://op", client_id="c", now=NOW, leeway=LEEWAY)
+        return
+    with pytest.raises(TokenError) as caught:
+        check_logout_claims(claims, issuer="https://op", client_id="c", now=NOW, leeway=LEEWAY)
+    assert caught.value.code == code
+
+
+@pytest.mark.parametrize(
+    ("typ", "ok"),
+    [
+        (None, True),
+        ("logout+jwt", True),
+        ("application/logout+jwt", True),
+        ("Logout+JWT", True),
+        ("JWT", True),
+        ("at+jwt", False),
+        ("secevent+jwt", False),
+        ("id_token", False),
+        ("", False),
+    ],
+)
+def test_logout_token_types(typ: str | None, ok: bool) -> None:
+    header = {"alg": "RS256", "kid": "k"} | ({"typ": typ} if typ is not None else {})
+    if ok:
+        check_logout_header(header, ["RS256"])
+    else:
+        with pytest.raises(TokenError):
+            check_logout_header(header, ["RS256"])
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("/db/page", "/db/page"),
+        ("/db/page?a=1&b=%2F#frag", "/db/page?a=1&b=%2F#frag"),
+        ("/", "/"),
+        (None, None),
+        ("db/page", None),
+        ("/" + "a" * 2048, None),
+        ("/caf\u00e9", None),
+    ],
+)
+def test_return_targets(raw: str | None, expected: str | None) -> None:
+    assert safe_return_target(raw) == expected

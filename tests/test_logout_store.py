@@ -20,18 +20,19 @@ async def test_linked_sessions_end_together(store: SessionStore) -> None:
     await store.link_sessions("sid", "g1", second.key, 60)
     await store.link_sessions("sid", "g2", other.key, 60)
 
-    assert await store.end_linked_sessions(DB, "sid", "g1") == 2
+    ended = await store.end_linked_sessions(DB, "sid", "g1")
+    assert sorted(s.key for s in ended) == sorted([first.key, second.key])
     assert await store.get_session(DB, first_id, T) is None
     assert await store.get_session(DB, second_id, T) is None
     assert await store.get_session(DB, other_id, T) is not None
     assert {e.key for e in events if e.kind == "session"} == {first.key, second.key}
-    assert await store.end_linked_sessions(DB, "sid", "g1") == 0  # the group is gone
+    assert await store.end_linked_sessions(DB, "sid", "g1") == []  # the group is gone
 
 
 async def test_linked_sessions_of_another_db_are_not_ended(store: SessionStore) -> None:
     session_id, session = await login(store, ALICE)
     await store.link_sessions("sid", "g", session.key, 60)
-    assert await store.end_linked_sessions("other-db", "sid", "g") == 0
+    assert await store.end_linked_sessions("other-db", "sid", "g") == []
     assert await store.get_session(DB, session_id, T) is not None
 
 
@@ -39,7 +40,7 @@ async def test_a_linked_session_already_gone_is_not_counted(store: SessionStore)
     session_id, session = await login(store, ALICE)
     await store.link_sessions("sid", "g", session.key, 60)
     assert await store.delete_session(DB, session_id)
-    assert await store.end_linked_sessions(DB, "sid", "g") == 0
+    assert await store.end_linked_sessions(DB, "sid", "g") == []
 
 
 async def test_records_added_once(store: SessionStore) -> None:

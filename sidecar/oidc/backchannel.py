@@ -82,10 +82,10 @@ async def backchannel_logout(request: web.Request) -> web.StreamResponse:
         sid, sub = claims.get("sid"), claims.get("sub")
         if isinstance(sid, str):
             # 2.7: with a sid, the sessions made under that provider session.
-            ended = await store.end_linked_sessions(
+            sessions = await store.end_linked_sessions(
                 db.name, "sid", sid_group(db.name, provider.name, sid)
             )
-            name = None
+            ended, name = len(sessions), ",".join(sorted({s.name for s in sessions})) or None
         else:
             # 2.7: with only a sub, every session of that user (the login's username rules).
             try:
@@ -107,7 +107,7 @@ async def backchannel_logout(request: web.Request) -> web.StreamResponse:
         user=name,
         provider=provider.name,
         db=db.name,
-        reason="provider logout (sid)" if name is None else "provider logout (sub)",
+        reason="provider logout (sid)" if isinstance(sid, str) else "provider logout (sub)",
         sessions=ended,
     )
     return web.Response(status=200, headers={"Cache-Control": "no-store"})

@@ -320,13 +320,14 @@ class SessionStore(ABC):
         its longest-lived member. `key` should be a digest, as for records."""
         await self._add_to_group(kind, key, session_key, ttl)
 
-    async def end_linked_sessions(self, db: str, kind: str, key: str) -> int:
+    async def end_linked_sessions(self, db: str, kind: str, key: str) -> list[Session]:
         """Delete every live session of the group (kind, key) in `db` on every replica, with a
-        revocation event each (which closes their websockets); returns how many there were."""
-        ended = 0
+        revocation event each (which closes their websockets); returns the sessions ended."""
+        ended: list[Session] = []
         for session_key in await self._take_group(kind, key):
-            if await self.delete_session_by_key(db, session_key):
-                ended += 1
+            session = await self._load_session(session_key)
+            if session is not None and await self.delete_session_by_key(db, session_key):
+                ended.append(session)
         return ended
 
     async def add_record_once(
