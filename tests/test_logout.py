@@ -20,7 +20,7 @@ from support.redis_server import RedisServer, free_port
 from support.sidecar import Sidecar, Upstream, base_config, running_sidecar
 
 from sidecar import keys
-from sidecar.oidc.logout import safe_return_target, sid_group
+from sidecar.oidc.logout import open_hint, safe_return_target, seal_hint, sid_group
 from sidecar.oidc.tokens import (
     LOGOUT_EVENT,
     LOGOUT_TOKEN_MAX_AGE,
@@ -542,3 +542,13 @@ def test_logout_token_types(typ: str | None, ok: bool) -> None:
 )
 def test_return_targets(raw: str | None, expected: str | None) -> None:
     assert safe_return_target(raw) == expected
+
+
+def test_the_id_token_hint_opens_only_with_its_session_id() -> None:
+    sealed = seal_hint("a" * 43, "header.payload.signature")
+    assert "payload" not in sealed
+    assert open_hint("a" * 43, sealed) == "header.payload.signature"
+    assert open_hint("b" * 43, sealed) is None
+    assert open_hint("a" * 43, sealed[:-4] + "AAAA") is None
+    for junk in (None, 5, "", "%%%", "AAAA"):
+        assert open_hint("a" * 43, junk) is None

@@ -56,6 +56,11 @@ async def test_rp_initiated_logout_through_the_provider_and_back(harness: LoginH
         login = await harness.login(http, "alice")
         assert login.status == 200, login.text
         session_id = login.body["session_id"]
+        # The ID token kept for id_token_hint is sealed: the store holds no usable token.
+        (record,) = await asyncio.to_thread(harness.redis.command, "KEYS", "sidecar:r:logout:*")
+        stored = await asyncio.to_thread(harness.redis.command, "GET", record)
+        assert login.body["id_token"].encode() not in stored
+        assert login.body["id_token"].split(".")[1].encode() not in stored
         fields, csp = await csrf_form(http, harness.url, "/db/after")
         assert f"form-action 'self' {harness.op.issuer}" in csp  # the redirect to the OP
         out = await harness.request(

@@ -3,6 +3,7 @@ ends the session on every replica and continues with OpenID Connect RP-Initiated
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import html
@@ -10,10 +11,11 @@ import json
 import logging
 import secrets
 import time
-from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from yarl import URL
 
 from sidecar import keys
@@ -38,12 +40,41 @@ def sid_group(db: str, provider: str, sid: str) -> str:
     return hashlib.sha256(json.dumps([db, provider, sid]).encode()).hexdigest()
 
 
+def _hint_key(session_id: str) -> bytes:
+    return hashlib.sha256(b"id-token-hint:" + session_id.encode()).digest()
+
+
+def seal_hint(session_id: str, id_token: str) -> str:
+    """The ID token encrypted (AES-256-GCM) under a key derived from the session id.
+
+    Security: an ID token is a bearer credential here until it expires; the store never holds
+    the session id, so a dump of the store yields neither (as sessions are stored by hash)."""
+    nonce = secrets.token_bytes(12)
+    sealed = nonce + AESGCM(_hint_key(session_id)).encrypt(nonce, id_token.encode(), None)
+    return base64.urlsafe_b64encode(sealed).decode("ascii")
+
+
+def open_hint(session_id: str, sealed: object) -> str | None:
+    if not isinstance(sealed, str):
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(sealed)
+        return AESGCM(_hint_key(session_id)).decrypt(raw[:12], raw[12:], None).decode()
+    except (ValueError, InvalidTag):  # binascii.Error and UnicodeDecodeError are ValueErrors
+        return None
+
+
 async def remember_login(
-    request: web.Request, db: Database, provider: Provider, session: Session, id_token: str
+    request: web.Request,
+    db: Database,
+    provider: Provider,
+    session_id: str,
+    session: Session,
+    id_token: str,
 ) -> None:
     """At login and refresh: what logout needs later. The provider's `sid` links the session
-    for back-channel logout; the ID token (for `id_token_hint`) lives in a record of its own,
-    so the session record read on every request stays small."""
+    for back-channel logout; the ID token (for `id_token_hint`) is sealed into a record of its
+    own, so the session record read on every request stays small."""
     claims = peek_claims(id_token)  # validated by the caller a moment ago
     store = request.app[keys.STORE]
     sid = claims.get("sid")
@@ -51,7 +82,8 @@ async def remember_login(
         await store.link_sessions(
             "sid", sid_group(db.name, provider.name, sid), session.key, SID_LINK_TTL
         )
-    await store.put_record("logout", session.key, {"id_token": id_token}, session.ttl)
+    hint = seal_hint(session_id, id_token)
+    await store.put_record("logout", session.key, {"id_token_hint": hint}, session.ttl)
 
 
 # TODO(merge): replace with sidecar.browser.safe_return_target
@@ -235,11 +267,12 @@ async def logout(request: web.Request) -> web.StreamResponse:
         await store.delete_session_by_key(db.name, session.key)  # every replica, with streams
         audit("logout", user=session.name, provider=session.provider, db=db.name, reason="user")
     remembered = await store.take_record("logout", session.key) if session else None
+    hint = open_hint(session_id, remembered.get("id_token_hint")) if remembered else None
     provider = _provider_of(db, session)
     endpoint = await _end_session_endpoint(provider)
     if provider is not None and endpoint is not None:
         response: web.StreamResponse = await _rp_initiated(
-            request, db, provider, endpoint, remembered, rd
+            request, db, provider, endpoint, hint, rd
         )
     elif rd is not None:
         response = _redirect(rd)
@@ -254,7 +287,7 @@ async def _rp_initiated(
     db: Database,
     provider: Provider,
     endpoint: str,
-    remembered: dict[str, Any] | None,
+    id_token_hint: str | None,
     rd: str | None,
 ) -> web.StreamResponse:
     """RP-Initiated Logout 1.0 section 2: redirect to end_session_endpoint with id_token_hint,
@@ -270,9 +303,8 @@ async def _rp_initiated(
         or f"{public_base(request)}/{db.name}/_oidc_logout/done",
         "state": state,
     }
-    hint = remembered.get("id_token") if remembered else None
-    if isinstance(hint, str) and hint:
-        params["id_token_hint"] = hint
+    if id_token_hint:
+        params["id_token_hint"] = id_token_hint
     return _redirect(str(URL(endpoint).update_query(params)))
 
 

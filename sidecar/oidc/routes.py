@@ -295,7 +295,7 @@ async def _session_answer(
             user, ttl=settings.session.ttl, provider=provider.name, now=time.time()
         )
         request.app[keys.METRICS].sessions_created.labels("oidc").inc()
-        await logout.remember_login(request, db, provider, session, tokens["id_token"])
+        await logout.remember_login(request, db, provider, session_id, session, tokens["id_token"])
         body["session_id"] = session_id
     body["name"] = user.name
     if provider.config.include_access:
