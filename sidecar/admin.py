@@ -12,10 +12,11 @@ from aiohttp import web
 from sidecar import keys
 from sidecar.databases import Database
 from sidecar.errors import BadRequest, NotFound, outside_text
+from sidecar.observability import audit
 from sidecar.sessions.cookies import NO_STORE
-from sidecar.sessions.models import Session, User
+from sidecar.sessions.models import Session, User, hash_session_id
 from sidecar.sessions.routes import session_body
-from sidecar.sessions.store import SessionStore, hash_session_id, is_well_formed_session_id
+from sidecar.sessions.store import SessionStore, is_well_formed_session_id
 from sidecar.streams import read_json_object
 
 MAX_BODY = 64 * 1024
@@ -104,6 +105,8 @@ async def put_user(request: web.Request) -> web.Response:
         disabled=disabled,
     )
     await store.put_user(user)
+    if user.disabled and not (existing is not None and existing.disabled):
+        audit("revocation", user=name, db=db.name, reason="user disabled (admin)")
     return web.json_response({}, status=200 if existing else 201)
 
 
@@ -120,6 +123,7 @@ async def delete_user(request: web.Request) -> web.Response:
     db, store = _db(request)
     if not await store.delete_user(db.name, request.match_info["name"]):
         raise NotFound("missing")
+    audit("revocation", user=request.match_info["name"], db=db.name, reason="user deleted (admin)")
     return web.json_response({"ok": True})
 
 
@@ -129,6 +133,7 @@ async def delete_user_sessions(request: web.Request) -> web.Response:
     if await store.get_user(db.name, name) is None:
         raise NotFound("missing")
     count = await store.delete_user_sessions(db.name, name)
+    audit("revocation", user=name, db=db.name, reason="sessions revoked (admin)", sessions=count)
     return web.json_response({"ok": True, "revoked": count})
 
 
@@ -189,8 +194,17 @@ async def get_session(request: web.Request) -> web.Response:
 
 async def delete_session(request: web.Request) -> web.Response:
     db, store = _db(request)
-    if not await store.delete_session(db.name, _session_id(request)):
+    key = hash_session_id(_session_id(request))
+    session = await store.get_session_by_key(db.name, key, time.time())
+    if session is None or not await store.delete_session_by_key(db.name, key):
         raise NotFound("missing")
+    audit(
+        "revocation",
+        user=session.name,
+        provider=session.provider,
+        db=db.name,
+        reason="session deleted (admin)",
+    )
     return web.json_response({"ok": True})
 
 

@@ -146,8 +146,11 @@ class ProviderConfig(Model):
     # out, never more often than every 30 s): a key the provider retired stops being accepted
     # within this many seconds even when no token with an unknown kid arrives.
     jwks_refresh_seconds: int = Field(default=300, ge=30, le=86400)
+    # RP-Initiated Logout 1.0: where the provider sends the browser after its logout (must be
+    # registered there); default: the sidecar's own /{db}/_oidc_logout/done page.
+    post_logout_redirect_uri: str | None = None
 
-    @field_validator("issuer", "discovery_url", "callback_url")
+    @field_validator("issuer", "discovery_url", "callback_url", "post_logout_redirect_uri")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         return None if value is None else _http_url(value, what="URL")

@@ -149,7 +149,7 @@ def _log_request(request: web.Request, status: int, seconds: float, outcome: str
     identity = request.get(keys.IDENTITY)
     db = request.get(keys.DB_NAME, "-")
     _metrics(request).request(db, outcome, status, seconds)
-    if ACCESS_LOG.enabled():
+    if ACCESS_LOG.enabled() and not request.get(keys.QUIET, False):
         ACCESS_LOG.request(
             {
                 "method": request.method,
@@ -160,5 +160,6 @@ def _log_request(request: web.Request, status: int, seconds: float, outcome: str
                 "db": db,
                 "request_id": request[keys.REQUEST_ID],
                 "remote": request.remote,
+                "listener": "admin" if keys.PUBLIC_APP in request.app else "public",
             }
         )

@@ -21,14 +21,18 @@ from joserfc.jwk import KeySet
 
 from sidecar.config import OIDCConfig, ProviderConfig
 from sidecar.errors import BadRequest, ProviderError, outside_text
+from sidecar.oidc import self_fetch
 from sidecar.oidc.algorithms import ASYMMETRIC_ALGORITHMS, DEFAULT_ALGORITHMS
 from sidecar.oidc.tokens import (
+    ParsedToken,
     TokenError,
     VerifiedTokenCache,
     check_header,
+    check_logout_header,
     check_nonce,
     parse_jwks,
     parse_token,
+    verify_logout_token,
     verify_parsed,
 )
 from sidecar.streams import read_bounded
@@ -60,6 +64,9 @@ class ProviderMetadata:
     code_challenge_methods_supported: tuple[str, ...]
     # RFC 9207 3: the provider puts `iss` in every authorization response; absent means false.
     authorization_response_iss_parameter_supported: bool
+    # OIDC Back-Channel Logout 1.0 section 2.1: whether the OP sends logout tokens (with sid).
+    backchannel_logout_supported: bool
+    backchannel_logout_session_supported: bool
     raw: Mapping[str, Any] = field(repr=False)
 
 
@@ -156,6 +163,9 @@ def parse_metadata(doc: Any, *, expected_issuer: str | None) -> ProviderMetadata
         authorization_response_iss_parameter_supported=_flag(
             doc, "authorization_response_iss_parameter_supported"
         ),
+        backchannel_logout_supported=doc.get("backchannel_logout_supported") is True,
+        backchannel_logout_session_supported=doc.get("backchannel_logout_session_supported")
+        is True,
         raw=doc,
     )
 
@@ -269,7 +279,7 @@ class Provider:
             async with self._http.get(
                 url,
                 timeout=self._timeout,
-                headers={"Accept": "application/json"},
+                headers={"Accept": "application/json", **self_fetch.headers_for(url)},
                 max_redirects=3,
             ) as resp:
                 if resp.status != 200:
@@ -446,20 +456,46 @@ class Provider:
             "trusted_audiences": self.config.trusted_audiences,
         }
         try:
-            try:
-                claims = verify_parsed(parsed, keys=keys, now=self._clock(), **options)
-            except TokenError as exc:
-                if exc.code != "unknown_kid":
-                    raise
-                refreshed = await self._refetch_for_unknown_kid()
-                if refreshed is None:
-                    raise
-                claims = verify_parsed(parsed, keys=refreshed, now=self._clock(), **options)
+            claims = await self._verify(parsed, keys, verify_parsed, options)
         except TokenError as exc:
             self.cache.put_failure(token, issuer, client_id, exc, self._clock())
             raise
         self.cache.put(token, issuer, client_id, claims)
         return claims
+
+    async def validate_logout_token(self, token: str, *, leeway: int) -> dict[str, Any]:
+        """The claims of a valid Back-Channel Logout 1.0 logout token from this provider (not
+        cached: each is used once); TokenError or ProviderError. Replay is the caller's check."""
+        parsed = parse_token(token)
+        check_logout_header(parsed.header, self.config.allowed_algorithms or ASYMMETRIC_ALGORITHMS)
+        metadata = await self.ensure_metadata()
+        keys = await self.ensure_keys()
+        options: dict[str, Any] = {
+            "issuer": self.config.issuer,
+            "client_id": self.config.client_id,
+            "allowed_algs": allowed_algorithms(self.config, metadata),
+            "leeway": leeway,
+            "trusted_audiences": self.config.trusted_audiences,
+        }
+        return await self._verify(parsed, keys, verify_logout_token, options)
+
+    async def _verify(
+        self,
+        parsed: ParsedToken,
+        keys: KeySet,
+        verify: Callable[..., dict[str, Any]],
+        options: dict[str, Any],
+    ) -> dict[str, Any]:
+        """`verify` with the cached keys, once more after a JWKS re-fetch for an unknown kid."""
+        try:
+            return verify(parsed, keys=keys, now=self._clock(), **options)
+        except TokenError as exc:
+            if exc.code != "unknown_kid":
+                raise
+            refreshed = await self._refetch_for_unknown_kid()
+            if refreshed is None:
+                raise
+            return verify(parsed, keys=refreshed, now=self._clock(), **options)
 
     async def _refetch_for_unknown_kid(self) -> KeySet | None:
         try:

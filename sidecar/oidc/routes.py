@@ -31,6 +31,8 @@ from sidecar.errors import (
     Unauthorized,
     outside_text,
 )
+from sidecar.observability import audit
+from sidecar.oidc import logout
 from sidecar.oidc.browser_answers import browser_answer, replayed_callback
 from sidecar.oidc.client import LoginRequest, authorization_url, new_login, token_request
 from sidecar.oidc.provider import Provider, ProviderRegistry
@@ -230,6 +232,7 @@ async def oidc_callback(request: web.Request) -> web.StreamResponse:
     )
     claims = await _validate(request, provider, tokens["id_token"], nonce=login.nonce)
     user = await login_user(store, db, provider.name, provider.config, claims)
+    audit("login", user=user.name, provider=provider.name, db=db.name, reason="code flow")
     refresh_token = tokens.get("refresh_token")
     if isinstance(refresh_token, str) and refresh_token:
         await store.put_record(
@@ -290,6 +293,7 @@ async def oidc_refresh(request: web.Request) -> web.StreamResponse:
     # its old token when the field is absent (Sync Gateway never sends it), so this adds to it.
     if isinstance(new_refresh, str) and new_refresh and new_refresh != refresh_token:
         body["refresh_token"] = new_refresh
+    audit("refresh", user=user.name, provider=provider.name, db=db.name, reason="refresh token")
     return await _session_answer(request, db, provider, user, tokens, body)
 
 
@@ -355,6 +359,7 @@ async def _session_answer(
             user, ttl=settings.session.ttl, provider=provider.name, now=time.time()
         )
         request.app[keys.METRICS].sessions_created.labels("oidc").inc()
+        await logout.remember_login(request, db, provider, session_id, session, tokens["id_token"])
         body["session_id"] = session_id
     body["name"] = user.name
     if provider.config.include_access:
@@ -448,5 +453,6 @@ def routes() -> list[web.RouteDef]:
             web.get("/{db}/_oidc_challenge", oidc_challenge),
             web.get("/{db}/_oidc_callback", browser_callback(oidc_callback)),
             web.get("/{db}/_oidc_refresh", oidc_refresh),
+            *logout.routes(),  # /{db}/_oidc_logout, _oidc_backchannel_logout
         ]
     )

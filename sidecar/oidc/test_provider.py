@@ -25,6 +25,7 @@ from joserfc import jwt
 from joserfc.jwk import RSAKey
 from yarl import URL
 
+from sidecar import keys
 from sidecar.errors import (
     BadRequest,
     MethodNotAllowed,
@@ -32,6 +33,7 @@ from sidecar.errors import (
     SidecarError,
     outside_text,
 )
+from sidecar.oidc import self_fetch
 
 DEFAULT_TOKEN_TTL = 3600
 MAX_TOKEN_TTL = 7 * 24 * 3600
@@ -300,6 +302,12 @@ def login_page(params: Mapping[str, str], request: AuthRequest) -> str:
     )
 
 
+def _quiet_if_self_fetch(request: web.Request) -> None:
+    """The sidecar's own periodic discovery/JWKS fetch is no user request: no access-log line."""
+    if self_fetch.is_self_fetch(request):
+        request[keys.QUIET] = True
+
+
 class TestProvider:
     """The test OP's state (signing key, codes, refresh tokens) and its aiohttp handlers."""
 
@@ -395,6 +403,7 @@ class TestProvider:
             raise _sg_error(BadRequest("unreadable form body")) from None
 
     async def _discovery(self, request: web.Request, issuer: str) -> web.Response:
+        _quiet_if_self_fetch(request)
         return web.json_response(
             {
                 "issuer": issuer,
@@ -419,6 +428,7 @@ class TestProvider:
         )
 
     async def _certs(self, request: web.Request, issuer: str) -> web.Response:
+        _quiet_if_self_fetch(request)
         return web.json_response(self.jwks(), headers={"Cache-Control": "max-age=60"})
 
     async def _authorize(self, request: web.Request, issuer: str) -> web.Response:

@@ -40,6 +40,7 @@ class MemoryStore(SessionStore):
         self._users: dict[UserId, User] = {}
         self._records: dict[tuple[str, str], tuple[bytes, float]] = {}
         self._locks: dict[tuple[str, str], tuple[str, float]] = {}  # -> (token, deadline)
+        self._groups: dict[tuple[str, str], tuple[set[str], float]] = {}
         self._sweep_seconds = sweep_seconds
         self._sweeper: asyncio.Task[None] | None = None
         self._set_listening(True)  # no remote writers: nothing can be missed
@@ -75,6 +76,9 @@ class MemoryStore(SessionStore):
         for lock, (_, deadline) in list(self._locks.items()):
             if deadline <= now:
                 del self._locks[lock]
+        for group, (_, deadline) in list(self._groups.items()):
+            if deadline <= now:
+                del self._groups[group]
 
     def _drop(self, db: str, name: str, key: str) -> None:
         self._sessions.pop(key, None)
@@ -158,6 +162,28 @@ class MemoryStore(SessionStore):
             return False
         del self._locks[(kind, key)]
         return held[1] > time.monotonic()
+
+    async def _add_to_group(self, kind: str, key: str, member: str, ttl: int) -> None:
+        now = time.monotonic()
+        members, deadline = self._groups.get((kind, key), (set(), now))
+        if deadline <= now:
+            members = set()
+        members.add(member)
+        self._groups[(kind, key)] = (members, max(deadline, now + ttl))  # as Redis's GT expiry
+
+    async def _take_group(self, kind: str, key: str) -> list[str]:
+        entry = self._groups.pop((kind, key), None)
+        if entry is None or entry[1] <= time.monotonic():
+            return []
+        return sorted(entry[0])
+
+    async def _put_record_if_absent(
+        self, kind: str, key: str, value: Mapping[str, Any], ttl: int
+    ) -> bool:
+        if await self.get_record(kind, key) is not None:
+            return False
+        await self.put_record(kind, key, value, ttl)
+        return True
 
     async def _publish(self, event: StoreEvent) -> None:
         """Nobody else to tell: `_emit` already delivered it here."""

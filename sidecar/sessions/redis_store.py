@@ -36,6 +36,7 @@ _RELEASE_LOCK = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+_GROUP_BATCH = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -482,6 +483,36 @@ class RedisStore(SessionStore):
             # caller meanwhile is theirs now.
             released = await self._redis.eval(_RELEASE_LOCK, 1, self._lock_key(kind, key), token)
         return bool(released)
+
+    def _group_key(self, kind: str, key: str) -> str:
+        return f"{self._prefix}g:{kind}:{key}"
+
+    async def _add_to_group(self, kind: str, key: str, member: str, ttl: int) -> None:
+        name = self._group_key(kind, key)
+        with self._unavailable():
+            async with self._redis.pipeline(transaction=self._atomic) as pipe:
+                pipe.sadd(name, member)
+                self._cover(pipe, name, max(1, ttl) * 1000)
+                await pipe.execute()
+
+    async def _take_group(self, kind: str, key: str) -> list[str]:
+        name = self._group_key(kind, key)
+        members: list[str] = []
+        with self._unavailable():
+            while True:
+                # SPOP with a count is one atomic command: a member goes to one taker only.
+                popped = await self._redis.spop(name, _GROUP_BATCH)
+                members += (_text(m) for m in popped or () if isinstance(m, bytes | str))
+                if not popped or len(popped) < _GROUP_BATCH:
+                    break
+        return sorted(members)
+
+    async def _put_record_if_absent(
+        self, kind: str, key: str, value: Mapping[str, Any], ttl: int
+    ) -> bool:
+        data = json.dumps(dict(value), separators=(",", ":"))
+        with self._unavailable():
+            return bool(await self._redis.set(self._record_key(kind, key), data, ex=ttl, nx=True))
 
     async def _publish(self, event: StoreEvent) -> None:
         payload = {

@@ -12,7 +12,9 @@ from sidecar.auth import authenticate, bearer_token, session_cookie
 from sidecar.databases import Database
 from sidecar.errors import BadRequest, NotFound, Unauthorized
 from sidecar.identity import Identity
+from sidecar.observability import audit
 from sidecar.sessions.cookies import NO_STORE, expire_session_cookie, set_session_cookie
+from sidecar.sessions.models import hash_session_id
 from sidecar.sessions.origin import cross_site_cookie_use
 from sidecar.sessions.store import is_well_formed_session_id
 from sidecar.streams import read_json_object
@@ -83,7 +85,10 @@ async def delete_session(request: web.Request) -> web.Response:
         raise NotFound("no session")
     _refuse_cross_site(request, db, by_cookie=True)  # logout acts on the cookie alone
     if is_well_formed_session_id(session_id):
-        await request.app[keys.STORE].delete_session(db.name, session_id)
+        store = request.app[keys.STORE]
+        session = await store.get_session_by_key(db.name, hash_session_id(session_id), time.time())
+        if session is not None and await store.delete_session_by_key(db.name, session.key):
+            audit("logout", user=session.name, provider=session.provider, db=db.name, reason="api")
     response = web.json_response({"ok": True}, headers=NO_STORE)
     expire_session_cookie(request, response, db)
     return response

@@ -340,6 +340,43 @@ class SessionStore(ABC):
         """Release the lock if `token` still holds it (never one that expired and was taken
         again by someone else); True when it did."""
 
+    # -- provider sessions (OIDC Back-Channel Logout 1.0) -------------------------------------
+
+    async def link_sessions(self, kind: str, key: str, session_key: str, ttl: int) -> None:
+        """Remember that `session_key` belongs to the group (kind, key) for `ttl` seconds, e.g.
+        the provider's `sid` ("sid", digest) it was created under; the group lives as long as
+        its longest-lived member. `key` should be a digest, as for records."""
+        await self._add_to_group(kind, key, session_key, ttl)
+
+    async def end_linked_sessions(self, db: str, kind: str, key: str) -> list[Session]:
+        """Delete every live session of the group (kind, key) in `db` on every replica, with a
+        revocation event each (which closes their websockets); returns the sessions ended."""
+        ended: list[Session] = []
+        for session_key in await self._take_group(kind, key):
+            session = await self._load_session(session_key)
+            if session is not None and await self.delete_session_by_key(db, session_key):
+                ended.append(session)
+        return ended
+
+    async def add_record_once(
+        self, kind: str, key: str, value: Mapping[str, Any], ttl: int
+    ) -> bool:
+        """Store the record unless (kind, key) already holds one; True when stored. Atomic on
+        every replica: for single-use values (a logout token's jti)."""
+        return await self._put_record_if_absent(kind, key, value, ttl)
+
+    @abstractmethod
+    async def _add_to_group(self, kind: str, key: str, member: str, ttl: int) -> None: ...
+
+    @abstractmethod
+    async def _take_group(self, kind: str, key: str) -> list[str]:
+        """The group's members, removing the group (atomically: one taker wins)."""
+
+    @abstractmethod
+    async def _put_record_if_absent(
+        self, kind: str, key: str, value: Mapping[str, Any], ttl: int
+    ) -> bool: ...
+
     # -- events -----------------------------------------------------------------------------
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:

@@ -7,6 +7,8 @@
 //
 // Config JSON (every key optional):
 //   clients: [{client_id, client_secret, redirect_uris, grant_types?, response_types?,
+//              post_logout_redirect_uris?, backchannel_logout_uri?,
+//              backchannel_logout_session_required?,
 //              token_endpoint_auth_method? ("client_secret_basic" | "client_secret_post" | "none"),
 //              id_token_signed_response_alg? ("RS256" | "PS256" | "ES256" | "EdDSA" | "Ed25519")}]
 //            grant_types default to [authorization_code, refresh_token], response_types to [code].
@@ -156,7 +158,15 @@ function providerConfiguration(config) {
       revocation: { enabled: true },
       introspection: { enabled: true },
       registration: registrationFeature(config.registration_token),
+      // OpenID Connect RP-Initiated Logout 1.0 (GET/POST /session/end, a confirmation form)
+      // and Back-Channel Logout 1.0 (a logout token POSTed to each client's
+      // backchannel_logout_uri, with `sid` when backchannel_logout_session_required).
+      rpInitiatedLogout: { enabled: true },
+      backchannelLogout: { enabled: true },
     },
+    // The library's outgoing requests (back-channel logout tokens) refuse loopback addresses
+    // (SSRF protection); every RP of this test OP is on 127.0.0.1, so drop that dispatcher.
+    fetch: (url, { dispatcher: _ssrfGuard, ...options }) => globalThis.fetch(url, options),
     pkce: { required: (_ctx, client) => client.clientAuthMethod === 'none' },
     issueRefreshToken: async (_ctx, client) => client.grantTypeAllowed('refresh_token'),
     expiresWithSession: async () => false,
@@ -231,6 +241,10 @@ async function main() {
   const actualPort = server.address().port;
   const issuer = `http://127.0.0.1:${actualPort}`;
   const provider = new Provider(issuer, providerConfiguration(config));
+  // A refused logout token is otherwise silent: say why on stderr (the harness keeps it).
+  provider.on('backchannel.error', (_ctx, error, client) => {
+    console.error(`backchannel logout to ${client.clientId} failed: ${error.message}`);
+  });
   const grants = countGrants(provider);
   const callback = provider.callback();
   handler = (req, res) => {
