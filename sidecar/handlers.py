@@ -42,7 +42,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
             raise
         return to_login
     request[keys.IDENTITY] = identity
-    if _is_websocket_upgrade(request) and cross_site_cookie_use(
+    websocket = _is_websocket_upgrade(request)
+    if websocket and cross_site_cookie_use(
         request, db, by_cookie=identity.via == "session"
     ):  # security: cross-site websocket hijacking; the upstream never sees it
         raise Forbidden("Origin not allowed to use a cookie session")
@@ -71,10 +72,9 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         SessionBridge.apply(headers, db.cookie_name, sg_session)
         request[keys.SG_SESSION] = sg_session
     target = target_url(db.upstream, request.raw_path, db.name)
-    forwarder = app[keys.FORWARDER]
-    if _is_websocket_upgrade(request):
+    if websocket:
         return await _relay_websocket(request, db, identity, target, headers)
-    return await forwarder.http(request, target, headers, before_send=finisher(request))
+    return await app[keys.FORWARDER].http(request, target, headers, before_send=finisher(request))
 
 
 async def _relay_websocket(

@@ -244,15 +244,18 @@ def _encode_list(values: Iterable[str]) -> str:
     return ",".join(encode_value(v) for v in sorted(values))
 
 
-def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
+_CONNECTION_OPTIONS = frozenset({"keep-alive", "close"})  # options, not header names
+
+
+def _connection_tokens(headers: MultiMapping[str]) -> frozenset[str]:
     """Header names the sender declared hop-by-hop in its Connection header(s) (RFC 9110 7.6.1)."""
-    return frozenset(
-        _norm(token.strip())
-        for name, value in headers.items()
-        if name.lower() == "connection"
-        for token in value.split(",")
-        if token.strip()
+    values = headers.getall("Connection", ())
+    if not values:
+        return frozenset()
+    tokens = frozenset(
+        _norm(token.strip()) for value in values for token in value.split(",") if token.strip()
     )
+    return tokens - _CONNECTION_OPTIONS
 
 
 def strip_cookie(value: str, name: str) -> str:
@@ -274,8 +277,70 @@ def couchdb_token(secret: str, username: str) -> str:
     return hmac.new(secret.encode(), username.encode(), hashlib.sha256).hexdigest()
 
 
+# What becomes of a request header, by its name alone (see `_HeaderPolicy`).
+_PASS = "pass"
+_DROP = "drop"
+_LENGTH = "content-length"  # dropped when the request is chunked
+_FORWARDING_CLAIM = "forwarding"  # kept from a trusted proxy only
+_REQUEST_ID = "request-id"  # kept when the sidecar has no request id of its own
+_COOKIE = "cookie"  # the session cookie is cut out unless pass_authorization
+_AUTHORIZATION = "authorization"  # dropped unless pass_authorization
+
+
+class _HeaderPolicy:
+    """The fate of each request header name under one configuration, decided once per name.
+
+    Header names recur on every request, so the rules (folded look-alikes, identity, URL
+    override and hop-by-hop lists, `strip_request_headers`) run once per distinct name, not
+    per request. At most `LIMIT` names are remembered, so a client inventing names cannot
+    grow it; past that, names are decided each time.
+    """
+
+    LIMIT = 4096
+
+    def __init__(self, ours: frozenset[str], removed: HeaderSet) -> None:
+        self._ours = ours
+        self._removed = removed
+        self._kinds: dict[str, str] = {}
+
+    def kind(self, name: str) -> str:
+        kind = self._kinds.get(name)
+        if kind is None:
+            kind = self._decide(name)
+            if len(self._kinds) < self.LIMIT:
+                self._kinds[name] = kind
+        return kind
+
+    def _decide(self, name: str) -> str:
+        key = _norm(name)
+        exact = name.lower() == key
+        if key in HOP_BY_HOP or key in WEBSOCKET_HANDSHAKE or key in _REPLACED:
+            return _DROP
+        if key in _FRAMING:  # security: only the exact names frame a message
+            return _LENGTH if exact else _DROP
+        if key in self._ours or key in self._removed:  # security: identity spoofing
+            return _DROP
+        if key in _URL_OVERRIDE:  # security: the path checked is the request line's only
+            return _DROP
+        if key in _FORWARDING:
+            return _FORWARDING_CLAIM if exact else _DROP
+        if key == "x-request-id":
+            return _REQUEST_ID if exact else _DROP
+        if key == "authorization":
+            return _AUTHORIZATION
+        if key == "cookie":
+            return _COOKIE
+        return _PASS
+
+
+@functools.lru_cache(maxsize=16)  # one per configuration: built once, not per request
+def _policy(names: IdentityHeaders, strip: tuple[str, ...]) -> _HeaderPolicy:
+    ours = frozenset(_norm(n) for n in (names.user, names.email, names.roles, names.channels))
+    return _HeaderPolicy(ours, removed_headers(strip))
+
+
 def upstream_request_headers(
-    incoming: Mapping[str, str],
+    incoming: MultiMapping[str],
     *,
     identity: Identity,
     names: IdentityHeaders,
@@ -301,54 +366,48 @@ def upstream_request_headers(
     """
     connection_named = _connection_tokens(incoming)
     # Security (request smuggling): with Transfer-Encoding the length is the chunks', never a
-    # Content-Length sent alongside (RFC 9112 6.3); aiohttp re-frames the body it forwards.
-    chunked = any(name.lower() == "transfer-encoding" for name in incoming)
-    # Security: only the sidecar speaks for the caller; every client copy of these goes.
-    ours = {_norm(n) for n in (names.user, names.email, names.roles, names.channels)}
-    removed = removed_headers(strip)
+    # Content-Length sent alongside (RFC 9112 6.3); the forwarder re-frames the body it sends.
+    chunked = "Transfer-Encoding" in incoming
+    kind_of = _policy(names, strip).kind
     out: CIMultiDict[str] = CIMultiDict()
     forwarded_for: list[str] = []
     for name, value in incoming.items():
-        key = _norm(name)
-        if (
-            key in HOP_BY_HOP
-            or key in connection_named
-            or key in WEBSOCKET_HANDSHAKE
-            or key in _REPLACED
-            or (chunked and key == "content-length")
-            or (key in _FRAMING and name.lower() != key)  # security: framing look-alikes
-        ):
+        kind = kind_of(name)
+        if connection_named and _norm(name) in connection_named:
+            continue  # RFC 9110 7.6.1: the sender said it is for this hop only
+        if kind is _PASS:
+            out.add(name, value)
+        elif kind is _DROP or (kind is _LENGTH and chunked):
             continue
-        if key in ours or key in removed:  # security: identity spoofing, ours or others'
-            continue
-        if key in _URL_OVERRIDE:  # security: the path checked is the request line's only
-            continue
-        if key in _FORWARDING:
+        elif kind is _LENGTH:
+            out.add(name, value)
+        elif kind is _FORWARDING_CLAIM:
             # Security: believe forwarding claims only from a trusted proxy, and only under
             # their exact names (a trusted proxy does not send X_Forwarded_For).
-            if trusted and name.lower() == key:
-                if key == "x-forwarded-for":
-                    forwarded_for.append(value.strip())
-                elif key == "x-forwarded-host" and not all(
-                    valid_host(h.strip()) for h in value.split(",")
-                ):
-                    # Security: a trusted proxy may pass a client's value on untouched; it
-                    # must meet the rule the sidecar applies to Host itself.
-                    raise BadRequest("invalid X-Forwarded-Host")
-                else:
-                    out.add(name, value)
-            continue
-        if key == "x-request-id" and (request_id is not None or name.lower() != key):
-            continue
-        if not pass_authorization:
-            # Security: the upstream must not see the credential the sidecar consumed.
-            if key == "authorization":
+            if not trusted:
                 continue
-            if key == "cookie":
-                value = strip_cookie(value, session_cookie_name)
-                if not value:
-                    continue
-        out.add(name, value)
+            key = name.lower()
+            if key == "x-forwarded-for":
+                forwarded_for.append(value.strip())
+            elif key == "x-forwarded-host" and not all(
+                valid_host(h.strip()) for h in value.split(",")
+            ):
+                # Security: a trusted proxy may pass a client's value on untouched; it
+                # must meet the rule the sidecar applies to Host itself.
+                raise BadRequest("invalid X-Forwarded-Host")
+            else:
+                out.add(name, value)
+        elif kind is _REQUEST_ID:
+            if request_id is None:
+                out.add(name, value)
+        elif pass_authorization:  # _CREDENTIAL
+            out.add(name, value)
+        elif kind is _COOKIE:
+            # Security: the upstream must not see the credential the sidecar consumed.
+            value = strip_cookie(value, session_cookie_name)
+            if value:
+                out.add(name, value)
+        # else Authorization: the sidecar consumed it
 
     if peer:
         forwarded_for.append(peer)

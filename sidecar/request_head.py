@@ -5,8 +5,9 @@ an upstream (or a proxy between) could read differently from the sidecar are ref
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from ipaddress import IPv6Address
+
+from multidict import MultiMapping
 
 from sidecar.errors import BadRequest, Unimplemented
 
@@ -32,7 +33,7 @@ def valid_host(value: str) -> bool:
     return port is None or 0 < int(port) < 65536
 
 
-def check_request_head(headers: Mapping[str, str], version: tuple[int, int]) -> str | None:
+def check_request_head(headers: MultiMapping[str], version: tuple[int, int]) -> str | None:
     """Refuse a request whose Host or framing an upstream could read differently; return its Host.
 
     - RFC 9112 3.2: more than one Host, or an invalid one (`valid_host`), gets 400.
@@ -41,14 +42,13 @@ def check_request_head(headers: Mapping[str, str], version: tuple[int, int]) -> 
       undecoded coding would reach the upstream as if it were the content. Transfer-Encoding in
       an HTTP/1.0 request is faulty framing: 400. An empty one is malformed: 400.
     """
-    hosts: list[str] = []
-    codings: list[str] | None = None
-    for name, value in headers.items():
-        key = name.lower()
-        if key == "host":
-            hosts.append(value)
-        elif key == "transfer-encoding":
-            codings = (codings or []) + [c.strip().lower() for c in value.split(",") if c.strip()]
+    hosts = headers.getall("Host", ())  # names compare case-insensitively, as HTTP's do
+    encodings = headers.getall("Transfer-Encoding", ())
+    codings = (
+        [c.strip().lower() for value in encodings for c in value.split(",") if c.strip()]
+        if encodings
+        else None
+    )
     if len(hosts) > 1:
         raise BadRequest("more than one Host header")
     if hosts and not valid_host(hosts[0]):

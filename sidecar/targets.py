@@ -15,6 +15,9 @@ from sidecar.errors import BadRequest
 # some Java and Node stacks), whether they arrived raw or percent-encoded.
 _SEPARATORS = re.compile(rb"[/\\]")
 _DOTS = (b".", b"..")
+# What a request target may hold as is: visible ASCII but "#"; everything else must arrive
+# percent-encoded.
+_MUST_BE_ENCODED = re.compile(r"[^\x21\x22\x24-\x7e]")
 
 
 def _decoded(path: str) -> bytes:
@@ -67,13 +70,13 @@ def target_url(base: str, path_qs_raw: str, db: str | None = None) -> URL:
     path, _, _ = path_qs_raw.partition("?")
     if not path.startswith("/"):
         raise BadRequest("request target must be an absolute path")
-    if any(not 0x20 < ord(c) < 0x7F or c == "#" for c in path_qs_raw):
+    if _MUST_BE_ENCODED.search(path_qs_raw):
         raise BadRequest("request target contains characters that must be percent-encoded")
     check_path(path)
     if db is not None:
         first = path[1:].partition("/")[0]
         # Security: "/db%2F../x" must not reach the upstream as something the router did not
         # take for database "db" (aiohttp's router decodes the segment once, as upstreams do).
-        if unquote_to_bytes(first) != db.encode():
+        if first != db and unquote_to_bytes(first) != db.encode():
             raise BadRequest("request path does not start with the database name")
     return URL(base.rstrip("/") + path_qs_raw, encoded=True)

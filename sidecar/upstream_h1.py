@@ -35,7 +35,6 @@ LOW_WATER = 64 * 1024
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Methods whose empty request still states its length (as aiohttp does): some servers want it.
 _BODYLESS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "CONNECT", "DELETE"})
-_CRLF = frozenset("\r\n")
 
 
 class UpstreamProtocolError(aiohttp.ClientResponseError):
@@ -46,11 +45,6 @@ class UpstreamProtocolError(aiohttp.ClientResponseError):
 
     def __str__(self) -> str:
         return self.message
-
-
-def _header_line_ok(text: str) -> bool:
-    # Security: a CR or LF in a name or value would let it start a header of its own.
-    return not any(c in _CRLF for c in text)
 
 
 class _Connection(asyncio.Protocol):
@@ -507,8 +501,6 @@ class H1Pool:
         ]
         framed = False
         for name, value in headers.items():
-            if not (_header_line_ok(name) and _header_line_ok(value)):
-                raise ValueError("header name or value contains CR or LF")
             lname = name.lower()
             if lname == "host":
                 continue
@@ -522,5 +514,9 @@ class H1Pool:
             lines.append("Transfer-Encoding: chunked")
         elif not has_body and method not in _BODYLESS:
             lines.append("Content-Length: 0")
-        lines.append("\r\n")
-        return "\r\n".join(lines).encode("utf-8", "surrogateescape")
+        text = "\r\n".join(lines)
+        # Security: a CR or LF inside a name or value would start a header (or a request) of
+        # its own; the only ones allowed are the separators joined in just now.
+        if text.count("\n") != len(lines) - 1 or text.count("\r") != len(lines) - 1:
+            raise ValueError("header name or value contains CR or LF")
+        return (text + "\r\n\r\n").encode("utf-8", "surrogateescape")
