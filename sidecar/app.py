@@ -33,6 +33,7 @@ from sidecar.websockets import WebSocketRegistry
 
 log = logging.getLogger("sidecar")
 
+PROXIED = "/{db}/{tail:(?!_oidc|_session).*}"
 MAX_FIELD_SIZE = 24 * 1024
 MAX_LINE_SIZE = 16 * 1024
 
@@ -66,6 +67,12 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
 
     # Order matters: the Sync Gateway-compatible endpoints before the catch-all proxy routes.
     defs = [web.get("/_health", live), web.get("/_ready", ready)]
+    # The common case first, one pattern match: aiohttp's router tries `/{db}/...` resources in
+    # order, and a proxied path would otherwise be matched against every endpoint below. Tails
+    # starting with `_oidc` or `_session` skip it and reach their endpoints (or the catch-all).
+    defs.append(
+        web.route("*", PROXIED, proxy_handler, expect_handler=defer_continue, name="proxied")
+    )
     defs += oidc_routes.routes() + session_routes.routes()
     if settings.unsupported.oidc_test_provider.enabled:
         test_provider = TestProvider(public_url=settings.public_url)

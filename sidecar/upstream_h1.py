@@ -336,7 +336,15 @@ class H1Response:
             await conn.wait(self._read_timeout)
 
     async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self])
+        """The whole body (for answers small enough to relay in one piece)."""
+        conn = self._conn
+        parts: list[bytes] = []
+        while (data := conn.take()) is not None:
+            if data:
+                parts.append(data)
+            else:
+                await conn.wait(self._read_timeout)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def release(self) -> None:
         """Done with a body read to its end: the connection may serve the next request."""
