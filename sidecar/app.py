@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -15,6 +16,7 @@ from sidecar import admin as admin_routes
 from sidecar import keys
 from sidecar.config import OIDCConfig, Settings
 from sidecar.databases import Databases
+from sidecar.exchanges import Exchanges
 from sidecar.handlers import defer_continue, live, proxy_handler, ready
 from sidecar.identity_cache import BearerIdentities
 from sidecar.lifecycle import Lifecycle
@@ -27,7 +29,6 @@ from sidecar.proxy import Forwarder, make_client_session
 from sidecar.sessions import routes as session_routes
 from sidecar.sessions.store import create_store
 from sidecar.sgbridge import SessionBridge
-from sidecar.websockets import WebSocketRegistry
 
 log = logging.getLogger("sidecar")
 
@@ -55,7 +56,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = metrics or Metrics()
     app[keys.LIFECYCLE] = Lifecycle()
-    app[keys.WEBSOCKETS] = WebSocketRegistry()
+    app[keys.EXCHANGES] = Exchanges()
     app[keys.BEARER_IDENTITIES] = BearerIdentities()
     app[keys.TRUSTED_NETWORKS] = tuple(
         ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies
@@ -116,7 +117,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await store.start()
         stack.push_async_callback(store.close)
         app[keys.STORE] = store
-        stack.callback(store.subscribe(app[keys.WEBSOCKETS].on_store_event))
+        exchanges = app[keys.EXCHANGES]
+
+        async def session_expiry(db: str, key: str) -> float | None:
+            session = await store.get_session_by_key(db, key, time.time())
+            return session.expires if session is not None else None
+
+        exchanges.start(session_expiry)
+        stack.push_async_callback(exchanges.stop)
+        stack.callback(store.subscribe(exchanges.on_store_event))
         stack.callback(store.subscribe(app[keys.BEARER_IDENTITIES].on_store_event))
 
         def make_registry(oidc: OIDCConfig) -> ProviderRegistry:
@@ -148,7 +157,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             await asyncio.gather(*refreshers, return_exceptions=True)
 
         stack.push_async_callback(stop_refreshers)
-        stack.push_async_callback(app[keys.WEBSOCKETS].close_all)
+        stack.push_async_callback(exchanges.close_all)
         yield
 
 

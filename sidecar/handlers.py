@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
@@ -11,11 +9,11 @@ from yarl import URL
 from sidecar import keys
 from sidecar.auth import authenticate
 from sidecar.databases import Database
+from sidecar.exchanges import Exchange
 from sidecar.headers import client_ip_trusted, upstream_request_headers
 from sidecar.identity import Identity
 from sidecar.observe import finisher
 from sidecar.proxy import target_url
-from sidecar.sessions.store import hash_session_id
 from sidecar.sgbridge import SessionBridge
 
 
@@ -32,6 +30,20 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     request[keys.DB_NAME] = db.name
     identity = await authenticate(request, db)  # raises: nothing below runs unauthenticated
     request[keys.IDENTITY] = identity
+    # Tracked from here until it ends: revocation (any replica) or the credential's end stops
+    # it, whatever the forwarder is doing (sidecar/exchanges.py).
+    exchanges = app[keys.EXCHANGES]
+    exchange = exchanges.open(request, db.name, identity)
+    try:
+        return await _forward(request, db, identity, exchange)
+    finally:
+        exchanges.close(exchange)
+
+
+async def _forward(
+    request: web.Request, db: Database, identity: Identity, exchange: Exchange
+) -> web.StreamResponse:
+    app = request.app
     bridge = app[keys.SG_BRIDGES].get(db.name)  # Sync Gateway: it must see the user too
     sg_session = await bridge.upstream_cookie(identity) if bridge is not None else None
     if request.get(keys.CONTINUE_DEFERRED):
@@ -58,27 +70,30 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     target = target_url(db.upstream, request.raw_path)
     forwarder = app[keys.FORWARDER]
     if _is_websocket_upgrade(request):
-        return await _relay_websocket(request, db, identity, target, headers)
+        return await _relay_websocket(request, exchange, target, headers)
     return await forwarder.http(request, target, headers, before_send=finisher(request))
 
 
 async def _relay_websocket(
-    request: web.Request, db: Database, identity: Identity, target: URL, headers: CIMultiDict[str]
+    request: web.Request, exchange: Exchange, target: URL, headers: CIMultiDict[str]
 ) -> web.StreamResponse:
-    """Relay a websocket, tracked so that revocation (any replica) or shutdown closes it."""
-    app = request.app
-    session_key = hash_session_id(identity.session_id) if identity.session_id else None
-    gauge = app[keys.METRICS].websockets
-    with contextlib.ExitStack() as stack:
+    """Relay a websocket; once upgraded, its exchange closes it with 1008 when it must end."""
+    gauge = request.app[keys.METRICS].websockets
+    opened = False
 
-        def on_open(ws: web.WebSocketResponse) -> None:
-            stack.enter_context(app[keys.WEBSOCKETS].track(ws, db.name, identity, session_key))
-            gauge.inc()
-            stack.callback(gauge.dec)
+    def on_open(ws: web.WebSocketResponse) -> None:
+        nonlocal opened
+        exchange.websocket = ws
+        opened = True
+        gauge.inc()
 
-        return await app[keys.FORWARDER].websocket(
+    try:
+        return await request.app[keys.FORWARDER].websocket(
             request, target, headers, on_open=on_open, before_send=finisher(request)
         )
+    finally:
+        if opened:
+            gauge.dec()
 
 
 def _is_websocket_upgrade(request: web.Request) -> bool:
