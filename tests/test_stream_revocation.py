@@ -17,9 +17,10 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import admin_session
-from support.pouchdb import Feed, PouchDBServer, open_feed
+from support.pouchdb import PouchDBServer
 from support.redis_server import RedisServer, free_port
 from support.sidecar import base_config, sidecar_process
+from support.stream_reader import Feed, open_feed
 from yarl import URL
 
 DB = "db"
