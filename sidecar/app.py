@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -118,12 +117,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(store.close)
         app[keys.STORE] = store
         exchanges = app[keys.EXCHANGES]
-
-        async def session_expiry(db: str, key: str) -> float | None:
-            session = await store.get_session_by_key(db, key, time.time())
-            return session.expires if session is not None else None
-
-        exchanges.start(session_expiry)
+        exchanges.start(store)
         stack.push_async_callback(exchanges.stop)
         stack.callback(store.subscribe(exchanges.on_store_event))
         stack.callback(store.subscribe(app[keys.BEARER_IDENTITIES].on_store_event))

@@ -16,24 +16,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 from aiohttp import web
 
 from sidecar.identity import Identity
-from sidecar.sessions.store import StoreEvent
+from sidecar.sessions.store import SessionStore, StoreEvent
 
 log = logging.getLogger("sidecar.exchanges")
 
 K = TypeVar("K")
-# (db, session key) -> the session's expiry now, or None when it is gone (read fresh, not cached).
-SessionExpiry = Callable[[str, str], Awaitable[float | None]]
 
 POLICY_VIOLATION = 1008  # RFC 6455 7.4.1: the caller's access ended
 GOING_AWAY = 1001  # RFC 6455 7.4.1: the sidecar is shutting down
 PROMOTE_AFTER = 1.0  # seconds an exchange runs before it is indexed and timed
 WS_CLOSE_GRACE = 1.0  # a websocket told 1008 that is still open this much later is cut
+WATCH_INTERVAL = 1.0  # how often the store's event feed is checked for a gap
+RECHECK_CONCURRENCY = 32  # store lookups at once when every live exchange is re-checked
 
 
 class Exchange:
@@ -75,7 +75,7 @@ class Exchanges:
         self._by_user: dict[tuple[str, str], set[Exchange]] = {}
         self._by_session: dict[str, set[Exchange]] = {}
         self._promotion: asyncio.TimerHandle | None = None
-        self._session_expiry: SessionExpiry | None = None
+        self._store: SessionStore | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def __len__(self) -> int:
@@ -86,10 +86,11 @@ class Exchanges:
 
     # -- lifecycle (cleanup_ctx) ------------------------------------------------------------
 
-    def start(self, session_expiry: SessionExpiry) -> None:
-        """`session_expiry` is asked when a session stream reaches its known expiry: another
-        request may have extended the session meanwhile (then the stream goes on)."""
-        self._session_expiry = session_expiry
+    def start(self, store: SessionStore) -> None:
+        """`store` is asked when a session stream reaches its known expiry (another request
+        may have extended the session meanwhile), and after a gap in its event feed."""
+        self._store = store
+        self._spawn(self._watch_feed(store))
 
     async def stop(self) -> None:
         if self._promotion is not None:
@@ -147,17 +148,13 @@ class Exchanges:
         ex.timer = None
         if ex.closed or ex.ended:
             return
-        if ex.session_key is not None and self._session_expiry is not None:
-            self._spawn(self._recheck_session(ex, ex.session_key, self._session_expiry))
+        if ex.session_key is not None and self._store is not None:
+            self._spawn(self._recheck_session(ex, ex.session_key, self._store))
         else:
             self._end(ex, b"credential expired")
 
-    async def _recheck_session(self, ex: Exchange, key: str, expiry: SessionExpiry) -> None:
-        try:
-            expires = await expiry(ex.db, key)
-        except Exception:  # security: fail closed when the store cannot say
-            log.warning("session expiry unknown (store unavailable); ending its stream")
-            expires = None
+    async def _recheck_session(self, ex: Exchange, key: str, store: SessionStore) -> None:
+        expires = await _session_expiry(store, ex.db, key)
         if ex.closed or ex.ended:
             return
         if expires is not None and expires > time.time():
@@ -165,6 +162,52 @@ class Exchanges:
             self._arm(ex, expires)
         else:
             self._end(ex, b"session expired")
+
+    async def _watch_feed(self, store: SessionStore) -> None:
+        """Security: while a replica's event feed is down it hears no revocation from the
+        others. Once it is back (the store's generation moved), every live exchange is checked
+        against the store, so what was revoked meanwhile ends then."""
+        seen = store.generation
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL)
+            if store.generation != seen and store.caching:
+                seen = store.generation
+                try:
+                    await self._recheck_all(store)
+                except Exception:  # never stop watching
+                    log.exception("re-checking live exchanges failed")
+
+    async def _recheck_all(self, store: SessionStore) -> None:
+        live = [ex for ex in self._all() if not ex.ended]
+        sessions = {(ex.db, ex.session_key) for ex in live if ex.session_key is not None}
+        users = {(ex.db, ex.name) for ex in live if ex.session_key is None}
+        limit = asyncio.Semaphore(RECHECK_CONCURRENCY)
+
+        async def session_gone(db: str, key: str) -> str | None:
+            async with limit:
+                return key if await _session_expiry(store, db, key) is None else None
+
+        async def user_gone(db: str, name: str) -> tuple[str, str] | None:
+            async with limit:
+                try:
+                    user = await store.get_user(db, name)
+                except Exception:  # security: fail closed
+                    return (db, name)
+                return (db, name) if user is None or user.disabled else None
+
+        gone_sessions = set(await asyncio.gather(*(session_gone(*s) for s in sessions)))
+        gone_users = set(await asyncio.gather(*(user_gone(*u) for u in users)))
+        ended = 0
+        for ex in live:
+            if ex.session_key in gone_sessions or (
+                ex.session_key is None and (ex.db, ex.name) in gone_users
+            ):
+                self._end(ex, b"session revoked")
+                ended += 1
+        log.info(
+            "re-checked live exchanges after a gap in session events",
+            extra={"checked": len(live), "ended": ended},
+        )
 
     # -- ending -----------------------------------------------------------------------------
 
@@ -213,6 +256,17 @@ class Exchanges:
         await asyncio.gather(
             *(ws.close(code=code, message=message) for ws in sockets), return_exceptions=True
         )
+
+
+async def _session_expiry(store: SessionStore, db: str, key: str) -> float | None:
+    """The session's expiry read fresh from the store; None when it is gone or the store
+    cannot say (security: fail closed)."""
+    try:
+        session = await store.get_session_by_key(db, key, time.time())
+    except Exception:
+        log.warning("session unknown (store unavailable); ending its streams")
+        return None
+    return session.expires if session is not None else None
 
 
 def _cut(ex: Exchange) -> None:

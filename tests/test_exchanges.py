@@ -6,6 +6,7 @@ tokens signed by the test's key server (conftest.KeyServer) and verified for rea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -14,15 +15,16 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import WSMsgType, web
 from conftest import KeyServer, admin_session
-from support.redis_server import free_port
+from support.redis_server import RedisServer, free_port
 from support.sidecar import Sidecar, base_config, running_sidecar
 from support.stream_reader import Feed, open_feed
 
 from sidecar import keys
 from sidecar.exchanges import PROMOTE_AFTER
-from sidecar.sessions.models import User
+from sidecar.sessions.models import User, hash_session_id
 
 CLIENT_ID = "exchanges-client"
 COOKIE = "SyncGatewaySession"
@@ -110,9 +112,10 @@ def leeway(request: pytest.FixtureRequest) -> int:
     return int(request.param)
 
 
-@pytest.fixture
-async def env(key_server: KeyServer, request: pytest.FixtureRequest) -> AsyncIterator[Env]:
-    skew = request.getfixturevalue("leeway") if "leeway" in request.fixturenames else 0
+@contextlib.asynccontextmanager
+async def start_env(
+    key_server: KeyServer, *, skew: int = 0, session_store: str | None = None
+) -> AsyncIterator[Env]:
     upstream = ForeverUpstream()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", upstream.handle)
@@ -127,6 +130,7 @@ async def env(key_server: KeyServer, request: pytest.FixtureRequest) -> AsyncIte
         free_port(),
         upstream=upstream.url,
         clock_skew_seconds=skew,
+        session_store=session_store,
         databases={"db": {"oidc": {"providers": {"ks": {**provider, "user_prefix": "ks"}}}}},
     )
     try:
@@ -139,6 +143,13 @@ async def env(key_server: KeyServer, request: pytest.FixtureRequest) -> AsyncIte
                     await feed.close()
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture
+async def env(key_server: KeyServer, request: pytest.FixtureRequest) -> AsyncIterator[Env]:
+    skew = request.getfixturevalue("leeway") if "leeway" in request.fixturenames else 0
+    async with start_env(key_server, skew=skew) as value:
+        yield value
 
 
 async def wait_lines(feed: Feed, count: int) -> None:
@@ -259,3 +270,26 @@ async def test_short_requests_leave_nothing_tracked(env: Env) -> None:
     assert len(exchanges) == 1  # promoted: indexed by user and session now
     assert await env.admin("DELETE", f"/db/_user/{name}/_session") == 200
     await assert_cut(env, stream)
+
+
+async def test_a_revocation_missed_during_an_event_feed_gap_ends_the_stream_after_it(
+    key_server: KeyServer, redis_server_session: RedisServer
+) -> None:
+    """While a replica's pub/sub subscription is down it hears no revocation; once it is back,
+    every live exchange is checked against the store."""
+    async with start_env(key_server, session_store=redis_server_session.url) as env:
+        name = f"u{secrets.token_hex(4)}"
+        session_id = await admin_session(env.sidecar.admin_url, "db", name)
+        other = await admin_session(env.sidecar.admin_url, "db", f"u{secrets.token_hex(4)}")
+        stream = await env.stream(Cookie=f"{COOKIE}={session_id}")
+        bystander = await env.stream(Cookie=f"{COOKIE}={other}")
+        redis = aioredis.Redis.from_url(redis_server_session.url)
+        try:
+            # A revocation that published nothing, as one lost in the gap would look here.
+            assert await redis.delete(f"sidecar:s:{hash_session_id(session_id)}") == 1
+            await wait_lines(stream, 2)  # unheard: it flows on
+            await redis.client_kill_filter(_type="pubsub")  # the gap
+        finally:
+            await redis.aclose()
+        assert await stream.outcome(BOUND) == "cut"
+        await wait_lines(bystander, 2)  # still valid: still flowing
