@@ -8,16 +8,17 @@ may reach the client, and its response must end cut (no terminating chunk), neve
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import pytest
 from conftest import admin_session
-from support.pouchdb import PouchDBServer
+from support.pouchdb import PouchDBServer, pouchdb_client
 from support.redis_server import RedisServer, free_port
 from support.sidecar import base_config, sidecar_process
 from support.stream_reader import Feed, open_feed
@@ -187,3 +188,32 @@ async def test_revocation_leaves_other_users_feeds_flowing(stack: Stack) -> None
     finally:
         for feed in feeds:
             await feed.close()
+
+
+@pytest.mark.parametrize("mode", ["changes", "replicate"])
+@pytest.mark.parametrize("where", ["same-replica", "other-replica"])
+async def test_pouchdb_client_gets_nothing_after_logout(
+    stack: Stack, where: str, mode: Literal["changes", "replicate"]
+) -> None:
+    """The issue's own scenario, with a real PouchDB following the database through the sidecar
+    with a session cookie: `db.changes({live: true, include_docs: true})`, or live pull
+    replication (which fetches documents in follow-up requests, refused after logout anyway)."""
+    caller = await new_caller(stack.a)
+    tag = secrets.token_hex(4)
+    cookie = f"{COOKIE}={caller.session_id}"
+    async with pouchdb_client(f"{stack.a.url}/{DB}", cookie, mode) as client:
+        await asyncio.sleep(0.3)  # let it open its feed (changes since now)
+        await stack.pouchdb.put_doc(DB, f"{tag}-before")
+        await client.wait_for(f"{tag}-before")
+        await asyncio.sleep(0.3)  # its next long-poll is open, waiting
+        revoking = stack.a if where == "same-replica" else stack.b
+        assert await logout(revoking, caller) == 200
+        after = [f"{tag}-after-{n}" for n in range(5)]
+        for doc_id in after:
+            await stack.pouchdb.put_doc(DB, doc_id)
+        await client.expect("error")  # its feed was cut, and the sidecar refuses the session
+        assert not client.received() & set(after), client.events
+        if mode == "replicate":
+            ids = await client.ids()
+            assert f"{tag}-before" in ids
+            assert not ids & set(after)
