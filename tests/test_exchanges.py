@@ -35,7 +35,8 @@ BOUND = 5.0  # how long any ending may take before the test gives up (the rule i
 @dataclass
 class ForeverUpstream:
     """Streams a line every TICK until the sidecar goes away (`/db/_stream`), never answers
-    (`/db/_silent`), echoes websockets, and answers anything else at once."""
+    (`/db/_silent`), reads an upload to its end (`/db/_upload`), echoes websockets, and answers
+    anything else at once."""
 
     url: str = ""
     started: asyncio.Event = field(default_factory=asyncio.Event)
@@ -50,6 +51,14 @@ class ForeverUpstream:
                     await ws.send_str("echo:" + msg.data)
             self.gone.set()
             return ws
+        if request.path.endswith("/_upload"):
+            self.started.set()
+            try:
+                async for _ in request.content.iter_any():
+                    pass
+            finally:  # the sidecar closed the connection mid-body
+                self.gone.set()
+            return web.json_response({"ok": True})
         if request.path.endswith("/_silent"):
             self.started.set()
             try:
@@ -293,3 +302,35 @@ async def test_a_revocation_missed_during_an_event_feed_gap_ends_the_stream_afte
             await redis.aclose()
         assert await stream.outcome(BOUND) == "cut"
         await wait_lines(bystander, 2)  # still valid: still flowing
+
+
+async def test_revocation_cuts_a_slow_upload(env: Env) -> None:
+    """An upload still trickling in: the client's connection is cut (no status line) and the
+    upstream sees its request body end short."""
+    name = f"u{secrets.token_hex(4)}"
+    session_id = await admin_session(env.sidecar.admin_url, "db", name)
+    reader, writer = await asyncio.open_connection("127.0.0.1", env.sidecar.port)
+    head = (
+        f"POST /db/_upload HTTP/1.1\r\nHost: 127.0.0.1\r\nCookie: {COOKIE}={session_id}\r\n"
+        "Content-Type: application/octet-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    writer.write(head.encode())
+
+    async def trickle() -> None:
+        with contextlib.suppress(ConnectionError):
+            while True:
+                writer.write(b"400\r\n" + b"x" * 1024 + b"\r\n")
+                await writer.drain()
+                await asyncio.sleep(TICK)
+
+    sender = asyncio.create_task(trickle())
+    try:
+        await asyncio.wait_for(env.upstream.started.wait(), BOUND)
+        assert await env.admin("DELETE", f"/db/_user/{name}/_session") == 200
+        with contextlib.suppress(ConnectionError):
+            assert await asyncio.wait_for(reader.read(), BOUND) == b""  # cut, no answer
+        await asyncio.wait_for(env.upstream.gone.wait(), BOUND)
+    finally:
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
+        writer.close()
