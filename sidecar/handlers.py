@@ -79,12 +79,9 @@ async def _relay_websocket(
 ) -> web.StreamResponse:
     """Relay a websocket; once upgraded, its exchange closes it with 1008 when it must end."""
     gauge = request.app[keys.METRICS].websockets
-    opened = False
 
     def on_open(ws: web.WebSocketResponse) -> None:
-        nonlocal opened
         exchange.websocket = ws
-        opened = True
         gauge.inc()
 
     try:
@@ -92,7 +89,7 @@ async def _relay_websocket(
             request, target, headers, on_open=on_open, before_send=finisher(request)
         )
     finally:
-        if opened:
+        if exchange.websocket is not None:
             gauge.dec()
 
 
