@@ -201,8 +201,8 @@ async def test_pouchdb_client_gets_nothing_after_logout(
     caller = await new_caller(stack.a)
     tag = secrets.token_hex(4)
     cookie = f"{COOKIE}={caller.session_id}"
-    async with pouchdb_client(f"{stack.a.url}/{DB}", cookie, mode) as client:
-        await asyncio.sleep(0.3)  # let it open its feed (changes since now)
+    since = str((await stack.pouchdb.request("GET", f"/{DB}"))["update_seq"])
+    async with pouchdb_client(f"{stack.a.url}/{DB}", cookie, mode, since) as client:
         await stack.pouchdb.put_doc(DB, f"{tag}-before")
         await client.wait_for(f"{tag}-before")
         await asyncio.sleep(0.3)  # its next long-poll is open, waiting

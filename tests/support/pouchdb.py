@@ -155,7 +155,7 @@ class PouchDBClient:
 
 @contextlib.asynccontextmanager
 async def pouchdb_client(
-    remote_url: str, cookie: str, mode: Literal["replicate", "changes"]
+    remote_url: str, cookie: str, mode: Literal["replicate", "changes"], since: str = "now"
 ) -> AsyncIterator[PouchDBClient]:
     node = shutil.which("node")
     if node is None or not (PEER_DIR / "node_modules" / "pouchdb-replication").is_dir():
@@ -166,6 +166,7 @@ async def pouchdb_client(
         remote_url,
         cookie,
         mode,
+        since,
         cwd=PEER_DIR,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,

@@ -1,7 +1,8 @@
 // A real PouchDB client of a remote database (through the sidecar), authenticated by a session
-// cookie, as a browser or app uses it. Usage: node client.cjs <db url> <Cookie value> <mode>
+// cookie, as a browser or app uses it.
+// Usage: node client.cjs <db url> <Cookie value> <mode> [since]
 //   replicate: live pull replication into an in-memory PouchDB
-//   changes:   live changes of the remote with their documents (db.changes({live: true}))
+//   changes:   live changes of the remote after `since` (default now), with their documents
 // Reports JSON lines on stdout: {"event":"change","ids":[...]}, {"event":"error",...},
 // {"event":"complete"}, and answers {"cmd":"ids"} on stdin with {"event":"ids","ids":[...]}
 // (the local database's ids). Exits when stdin closes.
@@ -12,7 +13,7 @@ const PouchDB = require('pouchdb-core')
   .plugin(require('pouchdb-adapter-http'))
   .plugin(require('pouchdb-replication'));
 
-const [remoteUrl, cookie, mode] = process.argv.slice(2);
+const [remoteUrl, cookie, mode, since = 'now'] = process.argv.slice(2);
 const say = (event) => process.stdout.write(JSON.stringify(event) + '\n');
 
 const remote = new PouchDB(remoteUrl, {
@@ -25,7 +26,7 @@ const remote = new PouchDB(remoteUrl, {
 const local = new PouchDB('local', { adapter: 'memory' });
 
 const feed = mode === 'changes'
-  ? remote.changes({ live: true, include_docs: true, since: 'now', heartbeat: 1000 })
+  ? remote.changes({ live: true, include_docs: true, since, heartbeat: 1000 })
     .on('change', (change) => say({ event: 'change', ids: [change.id] }))
   : PouchDB.replicate(remote, local, { live: true, retry: false, heartbeat: 1000 })
     .on('change', (info) => say({ event: 'change', ids: info.docs.map((d) => d._id) }))
