@@ -1,6 +1,6 @@
 # Developer and CI entry points. `make test` is what .ci/run runs.
 #   make install   the venv at .venv with the package and its test tools (redone when pyproject changes)
-#   make deps      redis-server, Node.js/npm, chromium (browser tests) and the test peers' node_modules
+#   make deps      redis-server, Node.js/npm, chromium (browser tests) and the test peers' node_modules (OP, Yjs, PouchDB)
 #   make lint      ruff check, ruff format --check, mypy (strict) on the package
 #   make test      install + deps + lint, then the whole pytest suite
 #   make run       the sidecar with sidecar.yaml (CONFIG=path to use another file)
@@ -17,6 +17,7 @@ CONFIG ?= sidecar.yaml
 LINT_PATHS := sidecar tests bench
 OP_DIR := tests/peers/op
 YJS_DIR := tests/peers/yjs
+POUCHDB_DIR := tests/peers/pouchdb
 # oidc-provider 9 needs a current Node.js (it calls crypto.hash): 20.19+ or 22+.
 NODE_MIN_MAJOR := 20
 NODE_MIN_MINOR := 19
@@ -48,7 +49,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 	@touch $@
 
-deps: redis node chromium $(OP_DIR)/node_modules/.installed $(YJS_DIR)/node_modules/.installed
+deps: redis node chromium $(OP_DIR)/node_modules/.installed $(YJS_DIR)/node_modules/.installed \
+	$(POUCHDB_DIR)/node_modules/.installed
 
 redis:
 	@command -v redis-server >/dev/null || { $(call apt_install,redis-server); }
@@ -77,6 +79,11 @@ $(YJS_DIR)/node_modules/.installed: $(YJS_DIR)/package-lock.json $(YJS_DIR)/pack
 	cd $(YJS_DIR) && npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
+# The real CouchDB-compatible changes-feed server (express-pouchdb) of tests/test_stream_revocation.py.
+$(POUCHDB_DIR)/node_modules/.installed: $(POUCHDB_DIR)/package-lock.json $(POUCHDB_DIR)/package.json | node
+	cd $(POUCHDB_DIR) && npm ci --no-audit --no-fund --loglevel=error
+	@touch $@
+
 lint: install
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
@@ -92,7 +99,8 @@ bench: install deps
 	$(BIN)/python bench/run.py $(ARGS)
 
 clean:
-	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info $(OP_DIR)/node_modules $(YJS_DIR)/node_modules
+	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info $(OP_DIR)/node_modules $(YJS_DIR)/node_modules \
+		$(POUCHDB_DIR)/node_modules
 	rm -rf tests/artifacts
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 

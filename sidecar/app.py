@@ -16,6 +16,7 @@ from sidecar import keys
 from sidecar.admin_auth import AdminAuth
 from sidecar.config import OIDCConfig, Settings
 from sidecar.databases import Databases
+from sidecar.exchanges import Exchanges
 from sidecar.handlers import defer_continue, live, proxy_handler, ready
 from sidecar.identity_cache import BearerIdentities
 from sidecar.lifecycle import Lifecycle
@@ -29,7 +30,6 @@ from sidecar.sessions import routes as session_routes
 from sidecar.sessions.store import create_store
 from sidecar.sgbridge import SessionBridge
 from sidecar.upstream_h1 import H1Pool
-from sidecar.websockets import WebSocketRegistry
 
 log = logging.getLogger("sidecar")
 
@@ -58,7 +58,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = metrics or Metrics()
     app[keys.LIFECYCLE] = Lifecycle()
-    app[keys.WEBSOCKETS] = WebSocketRegistry()
+    app[keys.EXCHANGES] = Exchanges()
     app[keys.BEARER_IDENTITIES] = BearerIdentities()
     app[keys.TRUSTED_NETWORKS] = tuple(
         ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies
@@ -133,7 +133,10 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await store.start()
         stack.push_async_callback(store.close)
         app[keys.STORE] = store
-        stack.callback(store.subscribe(app[keys.WEBSOCKETS].on_store_event))
+        exchanges = app[keys.EXCHANGES]
+        exchanges.start(store)
+        stack.push_async_callback(exchanges.stop)
+        stack.callback(store.subscribe(exchanges.on_store_event))
         stack.callback(store.subscribe(app[keys.BEARER_IDENTITIES].on_store_event))
 
         def make_registry(oidc: OIDCConfig) -> ProviderRegistry:
@@ -165,7 +168,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             await asyncio.gather(*refreshers, return_exceptions=True)
 
         stack.push_async_callback(stop_refreshers)
-        stack.push_async_callback(app[keys.WEBSOCKETS].close_all)
+        stack.push_async_callback(exchanges.close_all)
         yield
 
 

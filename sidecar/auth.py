@@ -136,7 +136,8 @@ async def identity_from_bearer(app: web.Application, db: Database, token: str) -
     metrics = app[keys.METRICS]
     try:
         provider = registry.for_token(token)
-        claims = await provider.validate(token, leeway=app[keys.SETTINGS].clock_skew_seconds)
+        leeway = app[keys.SETTINGS].clock_skew_seconds
+        claims = await provider.validate(token, leeway=leeway)
     except TokenError as exc:
         metrics.token_failure(exc.code)
         log.info("bearer token rejected", extra={"reason": exc.code, "db": db.name})
@@ -158,6 +159,7 @@ async def identity_from_bearer(app: web.Application, db: Database, token: str) -
         channels=frozenset(user.channels),
         via="bearer",
         provider=provider.name,
+        valid_until=float(claims["exp"]) + leeway,  # as long as validate() would accept it
     )
     if store.caching:
         cache.put(db.name, digest, identity, float(claims["exp"]), store.generation)

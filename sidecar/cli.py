@@ -64,7 +64,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False) -> None:
     log.info("shutting down", extra={"grace_seconds": grace})
     app[keys.LIFECYCLE].draining = True
     await sites[0].stop()
-    await app[keys.WEBSOCKETS].close_all()
+    await app[keys.EXCHANGES].close_all()
     await runner.cleanup()
     await admin_runner.cleanup()
     log.info("stopped")

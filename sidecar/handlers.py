@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
-
 from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar import keys
 from sidecar.auth import authenticate, login_redirect
-from sidecar.databases import Database
 from sidecar.errors import Forbidden, Unauthorized
+from sidecar.exchanges import Exchange
 from sidecar.headers import client_ip_trusted, upstream_request_headers
-from sidecar.identity import Identity
 from sidecar.observe import finisher
 from sidecar.request_head import check_request_head
 from sidecar.sessions.origin import cross_site_cookie_use
-from sidecar.sessions.store import hash_session_id
 from sidecar.sgbridge import SessionBridge
 from sidecar.targets import target_url
 
@@ -47,53 +43,62 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         request, db, by_cookie=identity.via == "session"
     ):  # security: cross-site websocket hijacking; the upstream never sees it
         raise Forbidden("Origin not allowed to use a cookie session")
-    bridge = app[keys.SG_BRIDGES].get(db.name)  # Sync Gateway: it must see the user too
-    sg_session = await bridge.upstream_cookie(identity) if bridge is not None else None
-    if request.get(keys.CONTINUE_DEFERRED):
-        # RFC 9110 10.1.1: invite the body only once the caller is known.
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    settings = app[keys.SETTINGS]
-    peer = request.remote
-    headers = upstream_request_headers(
-        request.headers,
-        identity=identity,
-        names=settings.identity_headers,
-        peer=peer,
-        scheme=request.scheme,
-        host=host,
-        trusted=client_ip_trusted(peer, app[keys.TRUSTED_NETWORKS]),
-        pass_authorization=settings.pass_authorization,
-        session_cookie_name=db.cookie_name,
-        request_id=request[keys.REQUEST_ID],
-        couchdb=settings.couchdb_proxy_auth if settings.couchdb_proxy_auth.enabled else None,
-        strip=settings.strip_request_headers,
-    )
-    if sg_session is not None:
-        SessionBridge.apply(headers, db.cookie_name, sg_session)
-        request[keys.SG_SESSION] = sg_session
-    target = target_url(db.upstream, request.raw_path, db.name)
-    if websocket:
-        return await _relay_websocket(request, db, identity, target, headers)
-    return await app[keys.FORWARDER].http(request, target, headers, before_send=finisher(request))
+    # Tracked from here until it ends: revocation (any replica) or the credential's end stops
+    # it, whatever the forwarder is doing (sidecar/exchanges.py).
+    exchanges = app[keys.EXCHANGES]
+    exchange = exchanges.open(request, db.name, identity)
+    try:
+        bridge = app[keys.SG_BRIDGES].get(db.name)  # Sync Gateway: it must see the user too
+        sg_session = await bridge.upstream_cookie(identity) if bridge is not None else None
+        if request.get(keys.CONTINUE_DEFERRED):
+            # RFC 9110 10.1.1: invite the body only once the caller is known.
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        settings = app[keys.SETTINGS]
+        peer = request.remote
+        headers = upstream_request_headers(
+            request.headers,
+            identity=identity,
+            names=settings.identity_headers,
+            peer=peer,
+            scheme=request.scheme,
+            host=host,
+            trusted=client_ip_trusted(peer, app[keys.TRUSTED_NETWORKS]),
+            pass_authorization=settings.pass_authorization,
+            session_cookie_name=db.cookie_name,
+            request_id=request[keys.REQUEST_ID],
+            couchdb=settings.couchdb_proxy_auth if settings.couchdb_proxy_auth.enabled else None,
+            strip=settings.strip_request_headers,
+        )
+        if sg_session is not None:
+            SessionBridge.apply(headers, db.cookie_name, sg_session)
+            request[keys.SG_SESSION] = sg_session
+        target = target_url(db.upstream, request.raw_path, db.name)
+        if websocket:
+            return await _relay_websocket(request, exchange, target, headers)
+        return await app[keys.FORWARDER].http(
+            request, target, headers, before_send=finisher(request)
+        )
+    finally:
+        exchanges.close(exchange)
 
 
 async def _relay_websocket(
-    request: web.Request, db: Database, identity: Identity, target: URL, headers: CIMultiDict[str]
+    request: web.Request, exchange: Exchange, target: URL, headers: CIMultiDict[str]
 ) -> web.StreamResponse:
-    """Relay a websocket, tracked so that revocation (any replica) or shutdown closes it."""
-    app = request.app
-    session_key = hash_session_id(identity.session_id) if identity.session_id else None
-    gauge = app[keys.METRICS].websockets
-    with contextlib.ExitStack() as stack:
+    """Relay a websocket; once upgraded, its exchange closes it with 1008 when it must end."""
+    gauge = request.app[keys.METRICS].websockets
 
-        def on_open(ws: web.WebSocketResponse) -> None:
-            stack.enter_context(app[keys.WEBSOCKETS].track(ws, db.name, identity, session_key))
-            gauge.inc()
-            stack.callback(gauge.dec)
+    def on_open(ws: web.WebSocketResponse) -> None:
+        exchange.websocket = ws
+        gauge.inc()
 
-        return await app[keys.FORWARDER].websocket(
+    try:
+        return await request.app[keys.FORWARDER].websocket(
             request, target, headers, on_open=on_open, before_send=finisher(request)
         )
+    finally:
+        if exchange.websocket is not None:
+            gauge.dec()
 
 
 def _is_websocket_upgrade(request: web.Request) -> bool:

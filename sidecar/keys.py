@@ -9,6 +9,7 @@ from aiohttp import ClientSession, web
 
 from sidecar.config import Settings
 from sidecar.databases import Databases
+from sidecar.exchanges import Exchanges
 from sidecar.identity import Identity
 from sidecar.identity_cache import BearerIdentities
 from sidecar.lifecycle import Lifecycle
@@ -16,14 +17,13 @@ from sidecar.observability import Metrics
 from sidecar.proxy import Forwarder
 from sidecar.sessions.store import SessionStore
 from sidecar.sgbridge import SessionBridge
-from sidecar.websockets import WebSocketRegistry
 
 SETTINGS = web.AppKey[Settings]("settings")
 STORE = web.AppKey[SessionStore]("session_store")
 DATABASES = web.AppKey[Databases]("databases")
 PROVIDER_HTTP = web.AppKey[ClientSession]("provider_http")
 FORWARDER = web.AppKey[Forwarder]("forwarder")
-WEBSOCKETS = web.AppKey[WebSocketRegistry]("websockets")
+EXCHANGES = web.AppKey[Exchanges]("exchanges")  # live proxied requests and websockets
 METRICS = web.AppKey[Metrics]("metrics")
 LIFECYCLE = web.AppKey[Lifecycle]("lifecycle")
 TRUSTED_NETWORKS = web.AppKey[Sequence[IPv4Network | IPv6Network]]("trusted_networks")

@@ -816,7 +816,7 @@ async def test_revoking_all_sessions_closes_the_websocket(renv: Env) -> None:
             await assert_closed_by_revocation(ws)
         await upstream_socket_closed(renv.upstream, 0, 1008)
         async with asyncio.timeout(3):  # untracked once its relay has ended
-            while len(renv.sidecar.app[keys.WEBSOCKETS]):
+            while len(renv.sidecar.app[keys.EXCHANGES]):
                 await asyncio.sleep(0.02)
         async with http.get(renv.url + "/db/doc", headers=headers) as r:
             assert r.status == 401

@@ -490,7 +490,7 @@ def open_websockets(sidecar: Sidecar) -> float | None:
 async def no_open_websockets(sidecar: Sidecar) -> None:
     """Closed relays leave nothing behind: not tracked, not counted."""
     async with asyncio.timeout(3):
-        while len(sidecar.app[keys.WEBSOCKETS]) or open_websockets(sidecar):
+        while len(sidecar.app[keys.EXCHANGES]) or open_websockets(sidecar):
             await asyncio.sleep(0.02)
 
 
@@ -513,7 +513,7 @@ async def test_websocket_relay(env: Env, via: str) -> None:
             await ws.send_bytes(blob)
             msg = await ws.receive(timeout=5)
             assert (msg.type, msg.data) == (WSMsgType.BINARY, blob)
-            assert len(env.sidecar.app[keys.WEBSOCKETS]) == 1
+            assert len(env.sidecar.app[keys.EXCHANGES]) == 1
             assert open_websockets(env.sidecar) == 1
     await no_open_websockets(env.sidecar)
     (request,) = env.upstream.requests

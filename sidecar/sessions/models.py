@@ -210,7 +210,9 @@ class Session:
             channels=frozenset(self.channels),
             via="session",
             session_id=session_id,
+            session_key=self.key,
             provider=self.provider,
+            valid_until=self.expires,
         )
 
     def to_json(self) -> bytes:
