@@ -32,7 +32,8 @@ class CannotListen(Exception):
     """A listener's address cannot be bound (in use, not permitted, unknown host)."""
 
     def __init__(self, listen: str, exc: OSError) -> None:
-        reason = exc.strerror or str(exc)
+        # The event loop's strerror repeats the address; the errno's own words do not.
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else str(exc)
         super().__init__(f"cannot listen on {listen}: {reason[:1].lower()}{reason[1:]}")
 
 
