@@ -80,13 +80,13 @@ async def serve(settings: Settings, *, worker: bool = False) -> None:
 
     # Drain: readiness turns false, new connections are refused, in-flight requests finish
     # within the grace, websockets are told 1001 (going away).
-    log.info("shutting down", extra={"grace_seconds": grace})
+    log.info("shutting down", extra={"grace_seconds": grace, "pid": os.getpid()})
     app[keys.LIFECYCLE].draining = True
     await sites[0].stop()
     await app[keys.WEBSOCKETS].close_all()
     await runner.cleanup()
     await admin_runner.cleanup()
-    log.info("stopped")
+    log.info("stopped", extra={"pid": os.getpid()})
 
 
 async def _watch_parent(stop: asyncio.Event) -> None:
