@@ -5,9 +5,9 @@ Why not gunicorn (measured with gunicorn 27.0.1 and aiohttp's `GunicornWebWorker
 serves one application on every bound socket, so the public and admin listeners (two apps)
 and our drain on SIGTERM (readiness false, public listener closed, websockets told 1001)
 would need a worker class that rewrites `_run`; and its arbiter respawns a dead worker at once
-with no backoff and no crash-loop limit -- a worker that crashed 0.2 s after booting was
-respawned 44 times in 5 s and the master never gave up. What we would keep of gunicorn is the
-part below.
+with no backoff and no crash-loop limit once it has booted -- a worker that crashed 0.2 s
+after booting was respawned 44 times in 5 s and the master never gave up. What we would keep
+of gunicorn is the part below.
 """
 
 from __future__ import annotations
