@@ -37,9 +37,10 @@ class CannotListen(Exception):
         super().__init__(f"cannot listen on {listen}: {reason[:1].lower()}{reason[1:]}")
 
 
-async def serve(settings: Settings, *, worker: bool = False) -> None:
-    """Serve until SIGTERM/SIGINT, then drain. A `worker` (of `--workers N`) shares its ports
-    with its siblings (SO_REUSEPORT) and drains by itself when its supervisor is gone."""
+async def serve(settings: Settings, *, supervisor: int | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then drain. A worker of `--workers N` (`supervisor`: its
+    supervisor's pid) shares its ports with its siblings (SO_REUSEPORT) and drains by itself
+    when its supervisor is gone."""
     from sidecar.app import create_admin_app, create_app, make_runner
 
     app = create_app(settings)
@@ -52,7 +53,7 @@ async def serve(settings: Settings, *, worker: bool = False) -> None:
     sites = []
     for r, listen in ((runner, settings.interface), (admin_runner, settings.admin_interface)):
         host, port = split_listen(listen)
-        site = web.TCPSite(r, host, port, reuse_port=worker or None, backlog=1024)
+        site = web.TCPSite(r, host, port, reuse_port=supervisor is not None or None, backlog=1024)
         try:
             await site.start()
         except OSError as exc:
@@ -72,10 +73,9 @@ async def serve(settings: Settings, *, worker: bool = False) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    if worker:
-        watch = asyncio.ensure_future(_watch_parent(stop))
+    watch = None if supervisor is None else asyncio.ensure_future(_watch(supervisor, stop))
     await stop.wait()
-    if worker:
+    if watch is not None:
         watch.cancel()
 
     # Drain: readiness turns false, new connections are refused, in-flight requests finish
@@ -89,10 +89,9 @@ async def serve(settings: Settings, *, worker: bool = False) -> None:
     log.info("stopped", extra={"pid": os.getpid()})
 
 
-async def _watch_parent(stop: asyncio.Event) -> None:
+async def _watch(supervisor: int, stop: asyncio.Event) -> None:
     """A worker whose supervisor is gone (killed with SIGKILL) must not serve on unsupervised."""
-    parent = os.getppid()
-    while os.getppid() == parent:  # noqa: ASYNC110 (no event tells us; polled, cheaply)
+    while os.getppid() == supervisor:  # noqa: ASYNC110 (no event tells us; polled, cheaply)
         await asyncio.sleep(1)
     log.error("the supervisor is gone; stopping")
     stop.set()
@@ -107,7 +106,8 @@ def _run_workers(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
-    cmd = [sys.executable, "-m", "sidecar", "run", "--config", args.config, "--worker"]
+    cmd = [sys.executable, "-m", "sidecar", "run", "--config", args.config]
+    cmd += ["--worker-of", str(os.getpid())]
     policy = RestartPolicy(limit=args.restart_limit, window=args.restart_window)
     return Supervisor(cmd, args.workers, policy).run()
 
@@ -187,7 +187,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"... within this many seconds (default {RestartPolicy.window:g})",
     )
-    run.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    run.add_argument("--worker-of", type=int, metavar="PID", help=argparse.SUPPRESS)
     check = sub.add_parser(
         "check-config",
         help="validate a configuration file and list every problem (exit 2 if any)",
@@ -217,7 +217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.config}: ok ({len(settings.databases)} database(s))")
         return 0
     setup_logging(settings.logging.format, settings.logging.level)
-    if settings.unsupported.oidc_test_provider.enabled and not args.worker:
+    if settings.unsupported.oidc_test_provider.enabled and args.worker_of is None:
         log.warning(
             "THE BUILT-IN TEST PROVIDER IS ENABLED: anyone can log in as anyone. "
             "Never run this configuration in production."
@@ -225,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers > 1:
         return _run_workers(args, settings)
     try:
-        _run(serve(settings, worker=args.worker))
+        _run(serve(settings, supervisor=args.worker_of))
     except CannotListen as exc:
         print(f"sidecar: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START

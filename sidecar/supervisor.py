@@ -37,8 +37,8 @@ _POLL_SECONDS = 0.1
 @dataclass(frozen=True)
 class RestartPolicy:
     """`limit` deaths within `window` seconds are a crash loop; before that, a dead worker is
-    restarted after `first_delay` seconds, doubled for every other recent death, at most
-    `max_delay`."""
+    restarted after `first_delay` seconds, doubled for each further death in the window, at
+    most `max_delay`."""
 
     limit: int = 5
     window: float = 60.0
@@ -122,7 +122,7 @@ class Supervisor:
         self.slots[slot] = None
         # Its live gauges (open websockets) leave the totals; its counters stay in them.
         multiprocess.mark_process_dead(child.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
-        code = exit_code(returncode) or 1  # exiting by itself, even with 0, is a death
+        code = exit_code(returncode)  # exiting by itself, even with 0, is a death
         self.deaths.append(now)
         while self.deaths and self.deaths[0] <= now - self.policy.window:
             self.deaths.popleft()
