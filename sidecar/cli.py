@@ -152,7 +152,9 @@ the whole set with a non-zero exit. /_metrics on any worker shows the whole set.
 
 
 def _parser() -> argparse.ArgumentParser:
-    fmt = argparse.RawDescriptionHelpFormatter
+    def fmt(prog: str) -> argparse.HelpFormatter:
+        return argparse.RawDescriptionHelpFormatter(prog, max_help_position=28)
+
     parser = argparse.ArgumentParser(
         prog="sidecar", description=DESCRIPTION, epilog=EXAMPLES, formatter_class=fmt
     )
@@ -192,9 +194,9 @@ def _parser() -> argparse.ArgumentParser:
         "check-config",
         help="validate a configuration file and list every problem (exit 2 if any)",
         description="Validate FILE without starting anything (no network): print `FILE: ok` "
-        "or one line per problem, each naming its YAML path, and exit 2.",
+        "(exit 0), or one line per problem, each naming its YAML path (exit 2).",
     )
-    check.add_argument("config", metavar="FILE")
+    check.add_argument("config", metavar="FILE", help="the YAML configuration")
     return parser
 
 
