@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
@@ -33,7 +34,8 @@ class CannotListen(Exception):
 
     def __init__(self, listen: str, exc: OSError) -> None:
         # The event loop's strerror repeats the address; the errno's own words do not.
-        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else str(exc)
+        positive = exc.errno is not None and exc.errno > 0  # getaddrinfo's are negative
+        reason = os.strerror(exc.errno) if positive else exc.strerror or str(exc)
         super().__init__(f"cannot listen on {listen}: {reason[:1].lower()}{reason[1:]}")
 
 
@@ -97,6 +99,23 @@ async def _watch(supervisor: int, stop: asyncio.Event) -> None:
     stop.set()
 
 
+def check_listen(listen: str) -> None:
+    """Raises CannotListen unless every address of `listen` can be bound by a worker (with
+    SO_REUSEPORT, as the workers bind): the supervisor says it once, before any starts."""
+    host, port = split_listen(listen)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in infos:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                probe.bind(address)
+    except OSError as exc:
+        raise CannotListen(listen, exc) from None
+
+
 def _run_workers(args: argparse.Namespace, settings: Settings) -> int:
     """N processes on one port (SO_REUSEPORT): this process supervises, each child serves."""
     if settings.session_store is None:
@@ -106,6 +125,12 @@ def _run_workers(args: argparse.Namespace, settings: Settings) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        check_listen(settings.interface)
+        check_listen(settings.admin_interface)
+    except CannotListen as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
     cmd = [sys.executable, "-m", "sidecar", "run", "--config", args.config]
     cmd += ["--worker-of", str(os.getpid())]
     policy = RestartPolicy(limit=args.restart_limit, window=args.restart_window)
