@@ -34,8 +34,8 @@ class CannotListen(Exception):
 
     def __init__(self, listen: str, exc: OSError) -> None:
         # The event loop's strerror repeats the address; the errno's own words do not.
-        positive = exc.errno is not None and exc.errno > 0  # getaddrinfo's are negative
-        reason = os.strerror(exc.errno) if positive else exc.strerror or str(exc)
+        code = exc.errno or 0  # getaddrinfo's are negative
+        reason = os.strerror(code) if code > 0 else exc.strerror or str(exc)
         super().__init__(f"cannot listen on {listen}: {reason[:1].lower()}{reason[1:]}")
 
 
