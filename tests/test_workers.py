@@ -211,6 +211,18 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def served_by(shared: str, pid: int) -> float:
+    """Public requests one worker counted, read from its own multiprocess file."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    total = 0.0
+    for key, value, _, _ in MmapedDict.read_all_values_from_file(f"{shared}/counter_{pid}.db"):
+        _, name, labels, _ = json.loads(key)
+        if name == "sidecar_requests_total" and labels.get("db") == "workers":
+            total += value
+    return total
+
+
 async def scrape(admin_port: int) -> str:
     answer = await raw_http(admin_port, "/_metrics")  # a fresh connection: any worker answers
     assert answer.status == 200
@@ -233,11 +245,12 @@ async def test_metrics_count_every_workers_requests(
         session = await admin_session(f"http://127.0.0.1:{admin_port}", "workers", "w-metrics")
         # The admin API's own answers count too (db "workers", on the admin listener).
         before = metric_sum(await scrape(admin_port), "sidecar_requests_total", db="workers")
+        each_before = [served_by(shared, pid) for pid in workers]
         assert await get_all(port, session, 40) == [200] * 40
         # Both workers served some (SO_REUSEPORT spreads 40 connections; all on one would be
         # 1 in 2^39), and whichever worker answers the scrape reports all 40.
-        served = {int(f.stem.split("_")[-1]) for f in Path(shared).glob("counter_*.db")}
-        assert set(workers) <= served
+        each = [served_by(shared, pid) - b for pid, b in zip(workers, each_before, strict=True)]
+        assert all(n > 0 for n in each) and sum(each) == 40, each
         for _ in range(6):
             text = await scrape(admin_port)
             assert metric_sum(text, "sidecar_requests_total", db="workers") == before + 40
