@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 from contextlib import AbstractContextManager, asynccontextmanager
@@ -211,6 +212,14 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def shared_dir(worker: int) -> str:
+    """The PROMETHEUS_MULTIPROC_DIR the supervisor gave `worker`."""
+    environ = Path(f"/proc/{worker}/environ").read_bytes().split(b"\0")
+    prefix = b"PROMETHEUS_MULTIPROC_DIR="
+    (value,) = [v.removeprefix(prefix).decode() for v in environ if v.startswith(prefix)]
+    return value
+
+
 def served_by(shared: str, pid: int) -> float:
     """Public requests one worker counted, read from its own multiprocess file."""
     from prometheus_client.mmap_dict import MmapedDict
@@ -236,12 +245,7 @@ async def test_metrics_count_every_workers_requests(
     port, admin_port = ports(config)
     async with process(config, workers=2) as proc:
         workers = await serving_workers(proc.pid, 2, port, admin_port)
-        environ = Path(f"/proc/{workers[0]}/environ").read_bytes().split(b"\0")
-        (shared,) = [
-            v.split(b"=", 1)[1].decode()
-            for v in environ
-            if v.startswith(b"PROMETHEUS_MULTIPROC_DIR=")
-        ]
+        shared = shared_dir(workers[0])
         session = await admin_session(f"http://127.0.0.1:{admin_port}", "workers", "w-metrics")
         # The admin API's own answers count too (db "workers", on the admin listener).
         before = metric_sum(await scrape(admin_port), "sidecar_requests_total", db="workers")
@@ -365,6 +369,7 @@ async def test_workers_stop_when_the_supervisor_is_killed(
     port, admin_port = ports(config)
     async with process(config, workers=2) as proc:
         workers = await serving_workers(proc.pid, 2, port, admin_port)
+        shared = shared_dir(workers[0])
         proc.kill()
         await wait_exit(proc, 5)
         try:
@@ -374,3 +379,4 @@ async def test_workers_stop_when_the_supervisor_is_killed(
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)  # never leave one behind
+            shutil.rmtree(shared)  # a SIGKILLed supervisor cannot remove it
