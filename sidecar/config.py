@@ -394,11 +394,12 @@ def _plain(err: ErrorDetails) -> str:
     kind, ctx = err["type"], err.get("ctx") or {}
     if kind in ("value_error", "assertion_error"):
         return str(ctx.get("error", "is not valid"))
+    unit = "characters" if kind.startswith("string_") else "entries"
     if kind in ("too_short", "string_too_short"):
         least = ctx.get("min_length", 1)
-        return "must not be empty" if least == 1 else f"must have at least {least} entries"
+        return "must not be empty" if least == 1 else f"must have at least {least} {unit}"
     if kind in ("too_long", "string_too_long"):
-        return f"must have at most {ctx.get('max_length')} entries"
+        return f"must have at most {ctx.get('max_length')} {unit}"
     if kind == "literal_error":
         return f"must be {ctx.get('expected')}"
     if kind in _BOUNDS:

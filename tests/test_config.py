@@ -539,3 +539,24 @@ def test_load_settings_reads_a_good_file(tmp_path: Path) -> None:
     )
     settings = load_settings(path)
     assert settings.databases["db"].oidc.providers["google"].register_user is True  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("error", "expected"),
+    [
+        ({"type": "string_too_short", "ctx": {"min_length": 3}}, "must have at least 3 characters"),
+        ({"type": "too_short", "ctx": {"min_length": 2}}, "must have at least 2 entries"),
+        ({"type": "string_too_long", "ctx": {"max_length": 8}}, "must have at most 8 characters"),
+        ({"type": "too_long", "ctx": {"max_length": 4}}, "must have at most 4 entries"),
+        ({"type": "less_than", "ctx": {"lt": 5}}, "must be less than 5"),
+        ({"type": "finite_number"}, "must be a finite number"),
+        ({"type": "some_future_pydantic_type", "msg": "Input should be X"}, "is not valid here"),
+    ],
+)
+def test_plain_words_for_error_types_no_field_raises_today(
+    error: dict[str, Any], expected: str
+) -> None:
+    """Types no field of ours produces yet (a future key might): still plain words."""
+    from sidecar.config import _plain
+
+    assert _plain({"loc": (), "msg": "", "input": None, **error}) == expected  # type: ignore[typeddict-item]
