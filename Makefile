@@ -1,6 +1,6 @@
 # Developer and CI entry points. `make test` is what .ci/run runs.
 #   make install   the venv at .venv with the package and its test tools (redone when pyproject changes)
-#   make deps      redis-server, Node.js/npm and the test peers' node_modules (OP, Yjs)
+#   make deps      redis-server, Node.js/npm, chromium (browser tests) and the test peers' node_modules
 #   make lint      ruff check, ruff format --check, mypy (strict) on the package
 #   make test      install + deps + lint, then the whole pytest suite
 #   make run       the sidecar with sidecar.yaml (CONFIG=path to use another file)
@@ -32,7 +32,7 @@ define apt_install
 	fi
 endef
 
-.PHONY: venv install deps redis node lint test run bench clean distclean
+.PHONY: venv install deps redis node chromium lint test run bench clean distclean
 
 venv: $(BIN)/python
 
@@ -48,11 +48,16 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q -e '.[test]'
 	@touch $@
 
-deps: redis node $(OP_DIR)/node_modules/.installed $(YJS_DIR)/node_modules/.installed
+deps: redis node chromium $(OP_DIR)/node_modules/.installed $(YJS_DIR)/node_modules/.installed
 
 redis:
 	@command -v redis-server >/dev/null || { $(call apt_install,redis-server); }
 	@command -v redis-server >/dev/null
+
+# Debian's chromium, driven headless over CDP by tests/test_browser_chromium.py (no downloads).
+chromium:
+	@command -v chromium >/dev/null || { $(call apt_install,chromium); }
+	@command -v chromium >/dev/null
 
 node:
 	@command -v node >/dev/null && command -v npm >/dev/null || { $(call apt_install,nodejs npm); }
@@ -88,6 +93,7 @@ bench: install deps
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info $(OP_DIR)/node_modules $(YJS_DIR)/node_modules
+	rm -rf tests/artifacts
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +
 
 distclean: clean

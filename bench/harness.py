@@ -248,6 +248,21 @@ def tree_rss_kib(pid: int) -> int:
     return total
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU time consumed so far by a process and all its live descendants.
+
+    Steadier than req/s on a shared machine: divided by the requests served it gives the CPU
+    cost of one request, whatever else was competing for the cores meanwhile.
+    """
+    ticks = 0
+    for proc in [pid, *_descendants(pid)]:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            stat = Path(f"/proc/{proc}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()  # the name may hold spaces
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def _descendants(pid: int) -> Iterator[int]:
     with contextlib.suppress(OSError):
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()

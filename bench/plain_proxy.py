@@ -2,7 +2,10 @@
 
 Forwards every request to --upstream, streaming bodies both ways over pooled keep-alive
 connections, and relays websockets; --workers processes share the port with SO_REUSEPORT.
-Usage: plain_proxy.py --port N --upstream http://127.0.0.1:M [--workers K]
+Usage: plain_proxy.py --port N --upstream http://127.0.0.1:M [--workers K] [--transport h1]
+
+`--transport h1` sends HTTP requests through the sidecar's httptools upstream transport
+(sidecar/upstream_h1.py) instead of aiohttp's ClientSession: the ceiling of that transport.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import aiohttp
 from aiohttp import WSMsgType, web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
+
+from sidecar.upstream_h1 import H1Pool
 
 # RFC 9110 7.6.1: connection-specific headers are not forwarded.
 HOP_BY_HOP = frozenset(
@@ -37,7 +42,9 @@ HOP_BY_HOP = frozenset(
 )
 WebSocket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
+H1 = web.AppKey("h1", H1Pool)  # --transport h1
 UPSTREAM = web.AppKey("upstream", str)
+TRANSPORT = web.AppKey("transport", str)
 
 
 def forwarded_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
@@ -52,6 +59,9 @@ async def proxy(request: web.Request) -> web.StreamResponse:
     target = URL(request.app[UPSTREAM] + request.raw_path, encoded=True)
     if request.headers.get("Upgrade", "").lower() == "websocket":
         return await relay_websocket(request, target)
+    h1 = request.app.get(H1)
+    if h1 is not None:
+        return await proxy_h1(request, h1, target)
     client = request.app[CLIENT]
     body = request.content if request.body_exists else None
     async with client.request(
@@ -70,6 +80,25 @@ async def proxy(request: web.Request) -> web.StreamResponse:
             await response.write(chunk)
         await response.write_eof()
         return response
+
+
+async def proxy_h1(request: web.Request, pool: H1Pool, target: URL) -> web.StreamResponse:
+    body = request.content.iter_any() if request.body_exists else None
+    upstream = await pool.request(request.method, target, forwarded_headers(request.headers), body)
+    try:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.update(forwarded_headers(upstream.headers))
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        await response.prepare(request)
+        async for chunk in upstream.content.iter_any():
+            await response.write(chunk)
+        await response.write_eof()
+    except BaseException:
+        upstream.close()
+        raise
+    upstream.release()
+    return response
 
 
 async def relay_websocket(request: web.Request, target: URL) -> web.StreamResponse:
@@ -100,13 +129,18 @@ async def client_ctx(app: web.Application) -> AsyncIterator[None]:
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300),
         skip_auto_headers=("Accept", "Accept-Encoding", "Content-Type", "User-Agent"),
     )
+    if app[TRANSPORT] == "h1":
+        app[H1] = H1Pool(connect_timeout=10, read_timeout=300, keepalive_timeout=60)
     yield
     await app[CLIENT].close()
+    if H1 in app:
+        await app[H1].close()
 
 
-async def serve(port: int, upstream: str) -> None:
+async def serve(port: int, upstream: str, transport: str) -> None:
     app = web.Application(client_max_size=0)
     app[UPSTREAM] = upstream.rstrip("/")
+    app[TRANSPORT] = transport
     app.cleanup_ctx.append(client_ctx)
     app.router.add_route("*", "/{tail:.*}", proxy)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -121,10 +155,10 @@ async def serve(port: int, upstream: str) -> None:
     await runner.cleanup()
 
 
-def run_worker(port: int, upstream: str) -> None:
+def run_worker(port: int, upstream: str, transport: str) -> None:
     import uvloop
 
-    uvloop.run(serve(port, upstream))
+    uvloop.run(serve(port, upstream, transport))
 
 
 def main() -> int:
@@ -132,15 +166,16 @@ def main() -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--transport", choices=("aiohttp", "h1"), default="aiohttp")
     args = parser.parse_args()
     if args.workers <= 1:
-        run_worker(args.port, args.upstream)
+        run_worker(args.port, args.upstream, args.transport)
         return 0
     children = []
     for _ in range(args.workers):
         pid = os.fork()
         if pid == 0:
-            run_worker(args.port, args.upstream)
+            run_worker(args.port, args.upstream, args.transport)
             os._exit(0)
         children.append(pid)
 

@@ -28,12 +28,22 @@ from pathlib import Path
 
 import credentials
 import services
-from harness import BENCH, LOOPBACK, BenchError, Processes, find_binary, free_port, http_status
+from harness import (
+    BENCH,
+    LOOPBACK,
+    BenchError,
+    Processes,
+    find_binary,
+    free_port,
+    http_status,
+    tree_cpu_seconds,
+)
 from wrkrun import WrkResult, run_wrk
 
 TARGETS = (
     "nginx",  # the upstream itself: the ceiling of the machine
     "plain",  # aiohttp proxy without auth: the framework's ceiling
+    "plain-h1",  # the same on the sidecar's httptools upstream transport (aiohttp server)
     "apache-session",
     "apache-bearer",
     "sidecar-session",
@@ -62,6 +72,7 @@ class Target:
     url: str
     headers: dict[str, str] = field(default_factory=dict)
     refusals: tuple[Refusal, ...] = ()
+    pid: int | None = None  # the serving process tree whose CPU time is counted
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,7 @@ class Run:
     connections: int
     round: int
     result: WrkResult
+    cpu_us: float | None = None  # the target's CPU µs (user + system) per request served
 
 
 # ------------------------------------------------------------------------------ verification
@@ -158,11 +170,16 @@ def start_targets(procs: Processes, wanted: set[str], args: argparse.Namespace) 
     upstream = services.start_nginx(procs)
     upstream_url = upstream.base
     path = f"/{services.DB}/doc"
-    targets: dict[str, Target] = {"nginx": Target("nginx", upstream_url + path)}
+    targets: dict[str, Target] = {
+        "nginx": Target("nginx", upstream_url + path, pid=upstream.service.pid)
+    }
 
-    if "plain" in wanted:
-        plain = services.start_plain_proxy(procs, upstream=upstream_url, workers=args.workers)
-        targets["plain"] = Target("plain", plain.base + path)
+    for name, transport in (("plain", "aiohttp"), ("plain-h1", "h1")):
+        if name in wanted:
+            plain = services.start_plain_proxy(
+                procs, upstream=upstream_url, workers=args.workers, transport=transport
+            )
+            targets[name] = Target(name, plain.base + path, pid=plain.service.pid)
 
     needs_apache = bool(wanted & {"apache-session", "apache-bearer"})
     needs_op = needs_apache or "sidecar-bearer" in wanted
@@ -195,12 +212,14 @@ def start_targets(procs: Processes, wanted: set[str], args: argparse.Namespace) 
             apache.endpoint.base + "/session/doc",
             {"Cookie": f"{name}={cookie}"},
             session_refusals(name, refused),
+            apache.endpoint.service.pid,
         )
         targets["apache-bearer"] = Target(
             "apache-bearer",
             apache.endpoint.base + "/bearer/doc",
             {"Authorization": f"Bearer {token}"},
             bearer_refusals(token),
+            apache.endpoint.service.pid,
         )
 
     if needs_sidecar:
@@ -212,6 +231,7 @@ def start_targets(procs: Processes, wanted: set[str], args: argparse.Namespace) 
             issuer=op.issuer if op is not None else None,
             workers=args.workers,
             session_cache_seconds=args.sidecar_session_cache,
+            transport=args.sidecar_transport,
         )
         (session_id,) = asyncio.run(credentials.sidecar_sessions(sidecar, ["alice"]))
         name = credentials.SIDECAR_SESSION_COOKIE
@@ -220,6 +240,7 @@ def start_targets(procs: Processes, wanted: set[str], args: argparse.Namespace) 
             sidecar.url + "doc",
             {"Cookie": f"{name}={session_id}"},
             session_refusals(name, frozenset({401})),
+            sidecar.endpoint.service.pid,
         )
         if op is not None:
             targets["sidecar-bearer"] = Target(
@@ -227,6 +248,7 @@ def start_targets(procs: Processes, wanted: set[str], args: argparse.Namespace) 
                 sidecar.url + "doc",
                 {"Authorization": f"Bearer {token}"},
                 bearer_refusals(token),
+                sidecar.endpoint.service.pid,
             )
     return [targets[name] for name in TARGETS if name in wanted]
 
@@ -252,9 +274,15 @@ def measure(procs: Processes, targets: Sequence[Target], args: argparse.Namespac
                 )
                 if args.warmup > 0:
                     load(duration=args.warmup)
+                cpu_before = tree_cpu_seconds(target.pid) if target.pid else 0.0
                 result = load(duration=args.duration)
                 if result.requests == 0:
                     raise BenchError(f"{target.name} answered no request: {result}")
+                cpu_us = (
+                    (tree_cpu_seconds(target.pid) - cpu_before) * 1e6 / result.requests
+                    if target.pid
+                    else None
+                )
                 # wrk counts 3xx as success: make sure the credentials still work afterwards.
                 check_admits(target)
                 if result.non_2xx_3xx or result.socket_errors:
@@ -262,13 +290,14 @@ def measure(procs: Processes, targets: Sequence[Target], args: argparse.Namespac
                         f"  warning: {target.name} c={connections}: {result.non_2xx_3xx} "
                         f"non-2xx/3xx responses, socket errors: {result.socket_error_detail}"
                     )
-                runs.append(Run(target.name, connections, round_, result))
+                runs.append(Run(target.name, connections, round_, result, cpu_us))
                 done = len(runs)
                 eta = (time.monotonic() - started) / done * (total - done)
                 print(
                     f"  [{done}/{total}] round {round_} c={connections:<4} "
                     f"{target.name:<16} {result.requests_per_sec:>9.0f} req/s  "
                     f"p50 {result.p50_ms:7.2f} ms  p99 {result.p99_ms:7.2f} ms  "
+                    f"{_cpu(cpu_us)} CPU µs/req  "
                     f"(~{eta:.0f} s left)",
                     flush=True,
                 )
@@ -284,16 +313,23 @@ class Median:
     p99_ms: float
     runs: int
     spread: float  # (max - min) / median req/s over the rounds
+    cpu_us: float | None = None  # median CPU µs per request
+
+
+def _cpu(value: float | None) -> str:
+    return "—" if value is None else f"{value:.0f}"
 
 
 def medians(runs: Sequence[Run]) -> dict[tuple[str, int], Median]:
-    groups: dict[tuple[str, int], list[WrkResult]] = {}
+    groups: dict[tuple[str, int], list[Run]] = {}
     for run in runs:
-        groups.setdefault((run.target, run.connections), []).append(run.result)
+        groups.setdefault((run.target, run.connections), []).append(run)
     out = {}
-    for (target, connections), results in groups.items():
+    for (target, connections), group in groups.items():
+        results = [run.result for run in group]
         rps = [r.requests_per_sec for r in results]
         mid = statistics.median(rps)
+        cpu = [run.cpu_us for run in group if run.cpu_us is not None]
         out[(target, connections)] = Median(
             target,
             connections,
@@ -302,14 +338,21 @@ def medians(runs: Sequence[Run]) -> dict[tuple[str, int], Median]:
             statistics.median(r.p99_ms for r in results),
             len(results),
             (max(rps) - min(rps)) / mid if mid else 0.0,
+            statistics.median(cpu) if cpu else None,
         )
     return out
 
 
+def _cpu_ratio(a: Median, b: Median) -> str:
+    if a.cpu_us is None or b.cpu_us is None or not b.cpu_us:
+        return "—"
+    return f"{a.cpu_us / b.cpu_us:.2f}×"
+
+
 def markdown(table: dict[tuple[str, int], Median], connections: Sequence[int]) -> str:
     lines = [
-        "| target | connections | req/s | p50 ms | p99 ms | runs | spread |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| target | connections | req/s | p50 ms | p99 ms | CPU µs/req | runs | spread |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in TARGETS:
         for c in connections:
@@ -317,7 +360,7 @@ def markdown(table: dict[tuple[str, int], Median], connections: Sequence[int]) -
             if m is not None:
                 lines.append(
                     f"| {name} | {c} | {m.requests_per_sec:,.0f} | {m.p50_ms:.2f} | "
-                    f"{m.p99_ms:.2f} | {m.runs} | {m.spread:.0%} |"
+                    f"{m.p99_ms:.2f} | {_cpu(m.cpu_us)} | {m.runs} | {m.spread:.0%} |"
                 )
     ratios = []
     for c in connections:
@@ -327,20 +370,26 @@ def markdown(table: dict[tuple[str, int], Median], connections: Sequence[int]) -
                 ratios.append(
                     f"| {ours} / {theirs} | {c} | "
                     f"{a.requests_per_sec / b.requests_per_sec:.2f}× | "
-                    f"{a.p99_ms / b.p99_ms:.2f}× |"
+                    f"{a.p99_ms / b.p99_ms:.2f}× | {_cpu_ratio(a, b)} |"
                 )
-        plain = table.get(("plain", c))
-        for ours in ("sidecar-session", "sidecar-bearer"):
-            a = table.get((ours, c))
-            if a and plain:
-                overhead = 1 - a.requests_per_sec / plain.requests_per_sec
-                lost = f"{overhead:.0%} fewer" if overhead >= 0 else f"{-overhead:.0%} more"
-                ratios.append(
-                    f"| {ours} vs plain proxy | {c} | {lost} req/s | "
-                    f"{a.p99_ms / plain.p99_ms:.2f}× |"
-                )
+        for baseline in ("plain", "plain-h1"):
+            plain = table.get((baseline, c))
+            for ours in ("sidecar-session", "sidecar-bearer"):
+                a = table.get((ours, c))
+                if a and plain:
+                    overhead = 1 - a.requests_per_sec / plain.requests_per_sec
+                    lost = f"{overhead:.0%} fewer" if overhead >= 0 else f"{-overhead:.0%} more"
+                    ratios.append(
+                        f"| {ours} vs {baseline} proxy | {c} | {lost} req/s | "
+                        f"{a.p99_ms / plain.p99_ms:.2f}× | {_cpu_ratio(a, plain)} |"
+                    )
     if ratios:
-        lines += ["", "| comparison | connections | req/s | p99 |", "|---|---:|---:|---:|", *ratios]
+        lines += [
+            "",
+            "| comparison | connections | req/s | p99 | CPU µs/req |",
+            "|---|---:|---:|---:|---:|",
+            *ratios,
+        ]
     return "\n".join(lines)
 
 
@@ -406,6 +455,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         metavar="SECONDS",
         help="the sidecar's session.local_cache_seconds (default: its own)",
+    )
+    parser.add_argument(
+        "--sidecar-transport",
+        choices=("aiohttp", "h1"),
+        default=None,
+        help="the sidecar's upstream_transport (default: its own)",
     )
     parser.add_argument(
         "--only",

@@ -209,10 +209,12 @@ def start_apache(
     return Apache(Endpoint(service, port), client)
 
 
-def start_plain_proxy(procs: Processes, *, upstream: str, workers: int) -> Endpoint:
+def start_plain_proxy(
+    procs: Processes, *, upstream: str, workers: int, transport: str = "aiohttp"
+) -> Endpoint:
     port = free_port()
     service = procs.start(
-        "plain-proxy",
+        f"plain-proxy-{transport}",
         [
             PYTHON,
             str(BENCH / "plain_proxy.py"),
@@ -222,6 +224,8 @@ def start_plain_proxy(procs: Processes, *, upstream: str, workers: int) -> Endpo
             upstream,
             "--workers",
             str(workers),
+            "--transport",
+            transport,
         ],
     )
     wait_for_port(port, service)
@@ -252,6 +256,7 @@ def sidecar_config(
     issuer: str | None,
     session_cache_seconds: float | None = None,
     log_level: str = "warning",
+    transport: str | None = None,
 ) -> dict[str, object]:
     db: dict[str, object] = {}
     if issuer is not None:
@@ -271,6 +276,8 @@ def sidecar_config(
     }
     if session_cache_seconds is not None:
         config["session"] = {"local_cache_seconds": session_cache_seconds}
+    if transport is not None:
+        config["upstream_transport"] = transport
     return config
 
 
@@ -284,6 +291,7 @@ def start_sidecar(
     session_cache_seconds: float | None = None,
     log_level: str = "warning",
     name: str = "sidecar",
+    transport: str | None = None,
 ) -> Sidecar:
     sidecar = VENV_BIN / "sidecar"
     if not sidecar.exists():
@@ -300,6 +308,7 @@ def start_sidecar(
                 redis_port=redis_port,
                 issuer=issuer,
                 session_cache_seconds=session_cache_seconds,
+                transport=transport,
             ),
             indent=2,
         )

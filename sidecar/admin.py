@@ -11,8 +11,11 @@ from aiohttp import web
 
 from sidecar import keys
 from sidecar.databases import Database
-from sidecar.errors import BadRequest, NotFound
-from sidecar.sessions.models import Session, User
+from sidecar.errors import BadRequest, NotFound, outside_text
+from sidecar.observability import audit
+from sidecar.sessions.cookies import NO_STORE
+from sidecar.sessions.models import Session, User, hash_session_id
+from sidecar.sessions.routes import session_body
 from sidecar.sessions.store import SessionStore, is_well_formed_session_id
 from sidecar.streams import read_json_object
 
@@ -70,7 +73,9 @@ async def put_user(request: web.Request) -> web.Response:
         raise BadRequest("passwords are not supported: users log in with OpenID Connect")
     unknown = set(body) - USER_FIELDS - READ_ONLY
     if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+        # Security: the caller's own keys, quoted as plain text only.
+        names = ", ".join(outside_text(str(k), limit=64) for k in sorted(unknown))
+        raise BadRequest(f"unknown field(s): {names}")
     if body.get("name", name) != name:
         raise BadRequest("name in body does not match the URL")
     email = body.get("email")
@@ -100,6 +105,8 @@ async def put_user(request: web.Request) -> web.Response:
         disabled=disabled,
     )
     await store.put_user(user)
+    if user.disabled and not (existing is not None and existing.disabled):
+        audit("revocation", user=name, db=db.name, reason="user disabled (admin)")
     return web.json_response({}, status=200 if existing else 201)
 
 
@@ -116,6 +123,7 @@ async def delete_user(request: web.Request) -> web.Response:
     db, store = _db(request)
     if not await store.delete_user(db.name, request.match_info["name"]):
         raise NotFound("missing")
+    audit("revocation", user=request.match_info["name"], db=db.name, reason="user deleted (admin)")
     return web.json_response({"ok": True})
 
 
@@ -125,11 +133,13 @@ async def delete_user_sessions(request: web.Request) -> web.Response:
     if await store.get_user(db.name, name) is None:
         raise NotFound("missing")
     count = await store.delete_user_sessions(db.name, name)
+    audit("revocation", user=name, db=db.name, reason="sessions revoked (admin)", sessions=count)
     return web.json_response({"ok": True, "revoked": count})
 
 
-def session_json(session: Session, db: Database) -> dict[str, Any]:
-    return {
+def session_json(session: Session, session_id: str, db: Database) -> dict[str, Any]:
+    """Sync Gateway's session body (the public `GET /{db}/_session`'s), with our fields beside."""
+    return session_body(session.to_identity(session_id)) | {
         "name": session.name,
         "expires": rfc3339(session.expires),
         "ttl": session.ttl,
@@ -150,17 +160,18 @@ async def post_session(request: web.Request) -> web.Response:
         raise BadRequest("ttl must be whole seconds between 60 and 31536000")
     user = await store.get_user(db.name, name)
     if user is None:
-        raise NotFound(f"no such user {name!r}")
+        raise NotFound(f"no such user {outside_text(name, limit=64)!r}")
     if user.disabled:
-        raise BadRequest(f"user {name!r} is disabled")
+        raise BadRequest(f"user {outside_text(name, limit=64)!r} is disabled")
     session_id, session = await store.create_session(user, ttl=ttl, provider=None, now=time.time())
     request.app[keys.PUBLIC_APP][keys.METRICS].sessions_created.labels("admin").inc()
     return web.json_response(
         {
             "session_id": session_id,
-            "expires": rfc3339(session.expires),
+            "expires": rfc3339(session.expires),  # at most session.max_lifetime from now
             "cookie_name": db.cookie_name,
-        }
+        },
+        headers=NO_STORE,
     )
 
 
@@ -172,17 +183,28 @@ def _session_id(request: web.Request) -> str:
 
 
 async def get_session(request: web.Request) -> web.Response:
+    """Looking at a session is not using it: read from the store, never extended."""
     db, store = _db(request)
-    session = await store.get_session(db.name, _session_id(request), time.time())
+    session_id = _session_id(request)
+    session = await store.get_session_by_key(db.name, hash_session_id(session_id), time.time())
     if session is None:
         raise NotFound("missing")
-    return web.json_response(session_json(session, db))
+    return web.json_response(session_json(session, session_id, db), headers=NO_STORE)
 
 
 async def delete_session(request: web.Request) -> web.Response:
     db, store = _db(request)
-    if not await store.delete_session(db.name, _session_id(request)):
+    key = hash_session_id(_session_id(request))
+    session = await store.get_session_by_key(db.name, key, time.time())
+    if session is None or not await store.delete_session_by_key(db.name, key):
         raise NotFound("missing")
+    audit(
+        "revocation",
+        user=session.name,
+        provider=session.provider,
+        db=db.name,
+        reason="session deleted (admin)",
+    )
     return web.json_response({"ok": True})
 
 

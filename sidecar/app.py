@@ -13,6 +13,7 @@ from aiohttp import web
 
 from sidecar import admin as admin_routes
 from sidecar import keys
+from sidecar.admin_auth import AdminAuth
 from sidecar.config import OIDCConfig, Settings
 from sidecar.databases import Databases
 from sidecar.handlers import defer_continue, live, proxy_handler, ready
@@ -27,6 +28,7 @@ from sidecar.proxy import Forwarder, make_client_session
 from sidecar.sessions import routes as session_routes
 from sidecar.sessions.store import create_store
 from sidecar.sgbridge import SessionBridge
+from sidecar.upstream_h1 import H1Pool
 from sidecar.websockets import WebSocketRegistry
 
 log = logging.getLogger("sidecar")
@@ -67,7 +69,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     defs += oidc_routes.routes() + session_routes.routes()
     if settings.unsupported.oidc_test_provider.enabled:
         test_provider = TestProvider(public_url=settings.public_url)
-        defs += test_provider.routes(prefix="/{db}/_oidc_testing")
+        defs += oidc_routes.without_referrer(test_provider.routes(prefix="/{db}/_oidc_testing"))
     defs += [
         web.route("*", "/{db}", proxy_handler, expect_handler=defer_continue),
         web.route("*", "/{db}/{tail:.*}", proxy_handler, expect_handler=defer_continue),
@@ -96,17 +98,25 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         )
         stack.push_async_callback(provider_http.close)
         app[keys.PROVIDER_HTTP] = provider_http
+        h1 = None
+        if settings.upstream_transport == "h1":
+            h1 = H1Pool(
+                connect_timeout=timeouts.upstream_connect, read_timeout=timeouts.upstream_read
+            )
+            stack.push_async_callback(h1.close)
         app[keys.FORWARDER] = Forwarder(
             upstream_http,
             connect_timeout=timeouts.upstream_connect,
             read_timeout=timeouts.upstream_read,
             max_body_bytes=settings.max_body_bytes,
             disconnect_poll_interval=None,  # make_runner's handler_cancellation does it
+            h1=h1,
         )
 
         store = create_store(
             settings.session_store.get() if settings.session_store else None,
             local_cache_seconds=settings.session.local_cache_seconds,
+            max_lifetime=settings.session.max_lifetime,
         )
         if settings.session_store is None:
             log.warning(
@@ -153,7 +163,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 
 def create_admin_app(public: web.Application) -> web.Application:
-    """The admin listener: health, metrics and (with the login flow) the user/session API."""
+    """The admin listener: health, metrics and (with the login flow) the user/session API;
+    behind `admin_auth` when configured (its open paths excepted)."""
     admin = web.Application(client_max_size=1024**2)
     admin[keys.PUBLIC_APP] = public
     defs = [
@@ -163,6 +174,9 @@ def create_admin_app(public: web.Application) -> web.Application:
         *admin_routes.routes(),
         web.route("*", "/{tail:.*}", not_found),
     ]
+    auth_config = public[keys.SETTINGS].admin_auth
+    if auth_config is not None:
+        defs = AdminAuth(auth_config).guard_routes(defs)
     admin.add_routes(observed_routes(defs))
     return admin
 

@@ -15,8 +15,10 @@ from http.cookies import CookieError, SimpleCookie
 from typing import Any
 
 from aiohttp import web
+from yarl import URL
 
 from sidecar import keys
+from sidecar.browser import login_path, may_redirect_to_login
 from sidecar.config import ProviderConfig
 from sidecar.databases import Database
 from sidecar.errors import BadRequest, ProviderError, ServiceUnavailable, Unauthorized
@@ -93,6 +95,25 @@ async def authenticate(request: web.Request, db: Database) -> Identity:
     raise Unauthorized("Login required")
 
 
+def login_redirect(request: web.Request, db: Database) -> web.Response | None:
+    """What a person's browser gets instead of a 401 on a proxied page: a 302 to the login,
+    `/{db}/_oidc?rd=<the page>`, which brings it back here once signed in. None (the 401
+    stands) for API clients (sidecar.browser.may_redirect_to_login), when the database turned
+    it off (`browser_login: false`), or has no default provider able to run a login."""
+    if not db.config.browser_login or db.providers is None:
+        return None
+    provider = db.providers.default
+    if provider is None or provider.config.validation_key is None:
+        return None
+    if not may_redirect_to_login(request.method, request.headers):
+        return None
+    public_url = request.app[keys.SETTINGS].public_url
+    prefix = URL(public_url).path.rstrip("/") if public_url else ""
+    page = prefix + request.raw_path  # the page as the browser named it
+    login = login_path(public_url, db.name, rd=page)
+    return web.Response(status=302, headers={"Location": login, "Cache-Control": "no-store"})
+
+
 async def identity_from_session(app: web.Application, db: Database, session_id: str) -> Identity:
     if not is_well_formed_session_id(session_id):
         raise Unauthorized("Session Invalid")
@@ -102,7 +123,7 @@ async def identity_from_session(app: web.Application, db: Database, session_id: 
     if session is None:
         raise Unauthorized("Session Invalid")
     identity = session.to_identity(session_id)
-    if now - (session.expires - session.ttl) < COOKIE_REFRESH_WINDOW:
+    if now - session.last_renewed < COOKIE_REFRESH_WINDOW:
         identity = replace(identity, session_expires=session.expires)
     return identity
 

@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from sidecar import __version__, keys
+from sidecar.admin_auth import exposure_warning
 from sidecar.config import ConfigError, Settings, load_settings
 from sidecar.observability import setup_logging
 from sidecar.supervisor import EXIT_CANNOT_START, RestartPolicy, Supervisor
@@ -240,11 +241,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = _load(args.config)
     if settings is None:
         return 2
+    exposed = exposure_warning(settings)
     if args.command == "check-config":
+        if exposed:
+            print(f"warning: {exposed}", file=sys.stderr)
         print(f"{args.config}: ok ({len(settings.databases)} database(s))")
         return 0
     setup_logging(settings.logging.format, settings.logging.level)
-    if settings.unsupported.oidc_test_provider.enabled and args.worker_of is None:
+    supervised = args.worker_of is not None  # the supervisor has said it for the set
+    if exposed and not supervised:
+        log.warning(exposed)
+    if settings.unsupported.oidc_test_provider.enabled and not supervised:
         log.warning(
             "THE BUILT-IN TEST PROVIDER IS ENABLED: anyone can log in as anyone. "
             "Never run this configuration in production."

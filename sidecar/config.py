@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -25,11 +26,15 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, core_schema
 
+from sidecar.browser import parse_origin
+
 DEFAULT_SCOPE = ("openid", "email")
 PROVIDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]*$")  # Sync Gateway: no "_"
 # Sync Gateway's database name rule: starts with a lowercase letter.
 DATABASE_NAME = re.compile(r"^[a-z][a-z0-9_$()+\-]*$")
 HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+SESSION_TTL = 86400  # idle TTL, seconds (Sync Gateway's default)
+SESSION_MAX_LIFETIME = 7 * 86400  # absolute session lifetime, seconds
 
 
 class ConfigError(Exception):
@@ -137,8 +142,15 @@ class ProviderConfig(Model):
     # Extra audiences besides client_id that a token may carry (RFC 7519 aud); empty = none.
     trusted_audiences: tuple[str, ...] = ()
     allowed_algorithms: tuple[str, ...] | None = None
+    # The JWKS is fetched again at least this often (and when its Cache-Control max-age runs
+    # out, never more often than every 30 s): a key the provider retired stops being accepted
+    # within this many seconds even when no token with an unknown kid arrives.
+    jwks_refresh_seconds: int = Field(default=300, ge=30, le=86400)
+    # RP-Initiated Logout 1.0: where the provider sends the browser after its logout (must be
+    # registered there); default: the sidecar's own /{db}/_oidc_logout/done page.
+    post_logout_redirect_uri: str | None = None
 
-    @field_validator("issuer", "discovery_url", "callback_url")
+    @field_validator("issuer", "discovery_url", "callback_url", "post_logout_redirect_uri")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         return None if value is None else _http_url(value, what="URL")
@@ -209,16 +221,50 @@ class SyncGatewayBridge(Model):
         return _http_url(value, what="admin_url")
 
 
+def _cors_origin(value: str) -> str:
+    from sidecar.sessions.origin import parse_origin
+
+    if value == "*":
+        # Security: a wildcard would let every web site use a visitor's cookie session.
+        raise ValueError("'*' is not allowed: it would let any site use a visitor's session")
+    if parse_origin(value) is None:
+        raise ValueError(f"{value!r} is not an origin (scheme://host[:port], nothing more)")
+    return value
+
+
+class CORSConfig(Model):
+    """Sync Gateway's CORS `origin` list: other sites' pages allowed to use a cookie session
+    (websockets, `_session` POST/DELETE) besides the sidecar's own origin."""
+
+    origin: tuple[Annotated[str, AfterValidator(_cors_origin)], ...] = ()
+
+
 class DatabaseConfig(Model):
     upstream: str | None = None  # overrides the global upstream for this database
     session_cookie_name: str = "SyncGatewaySession"
     oidc: OIDCConfig | None = None
     sync_gateway: SyncGatewayBridge | None = None
+    cors: CORSConfig = CORSConfig()
+    # Browsers: a page load without credentials is sent to the login instead of a 401.
+    browser_login: bool = True
+    # Origins besides the sidecar's own that a login's `rd` return target may point to.
+    allowed_redirect_origins: tuple[str, ...] = ()
 
     @field_validator("upstream")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         return None if value is None else _http_url(value, what="upstream")
+
+    @field_validator("allowed_redirect_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            if parse_origin(item) is None:
+                raise ValueError(
+                    f"{item!r} is not an origin: scheme://host[:port] (http or https, "
+                    "no path, user, query or fragment)"
+                )
+        return value
 
     @field_validator("session_cookie_name")
     @classmethod
@@ -250,7 +296,9 @@ class CouchDBProxyAuth(Model):
 
 
 class SessionConfig(Model):
-    ttl: int = Field(default=86400, ge=60, le=365 * 86400)  # idle TTL, seconds
+    ttl: int = Field(default=SESSION_TTL, ge=60, le=365 * 86400)  # idle TTL, seconds
+    # Absolute lifetime: no extension goes past created + max_lifetime (>= ttl, cross_checks).
+    max_lifetime: int = Field(default=SESSION_MAX_LIFETIME, ge=60, le=365 * 86400)
     cookie_secure: Literal["auto", "always", "never"] = "auto"
     # Sessions are cached locally for this long at most; invalidation via pub/sub is immediate.
     local_cache_seconds: float = Field(default=30.0, ge=0, le=300)
@@ -273,6 +321,38 @@ class TimeoutsConfig(Model):
     upstream_connect: float = Field(default=10.0, gt=0)
     upstream_read: float = Field(default=300.0, gt=0)  # time between bytes, not total
     provider: float = Field(default=10.0, gt=0)
+
+
+AdminPath = Literal["/_metrics", "/_health", "/_ready"]
+ADMIN_OPEN_PATHS: tuple[AdminPath, ...] = ("/_metrics", "/_health", "/_ready")
+# RFC 6750 2.1 b64token: what a client can send after `Bearer ` as is.
+BEARER_TOKEN = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
+
+
+class AdminAuthConfig(Model):
+    """Authentication for the admin listener: HTTP Basic (username + password) and/or a bearer
+    secret. Without this block the admin API is open to whoever reaches its port."""
+
+    username: str | None = None
+    password: Secret | None = None
+    bearer_token: Secret | None = None
+    # Paths answered without credentials (Prometheus, kubelet probes); any of ADMIN_OPEN_PATHS.
+    open_paths: tuple[AdminPath, ...] = ADMIN_OPEN_PATHS
+
+    @field_validator("username")
+    @classmethod
+    def _username(cls, value: str | None) -> str | None:
+        # RFC 7617 2: the user-id cannot contain a colon; control characters cannot be typed.
+        if value is not None and (not value or ":" in value or not value.isprintable()):
+            raise ValueError("must be non-empty, printable and without ':'")
+        return value
+
+    @field_validator("bearer_token")
+    @classmethod
+    def _bearer(cls, value: Secret | None) -> Secret | None:
+        if value is not None and not BEARER_TOKEN.match(value.get()):  # never echoes the value
+            raise ValueError("must be RFC 6750 token characters (A-Z a-z 0-9 -._~+/ then =)")
+        return value
 
 
 def _listen(value: Any) -> str:
@@ -300,14 +380,20 @@ class Settings(Model):
     couchdb_proxy_auth: CouchDBProxyAuth = CouchDBProxyAuth()
     pass_authorization: bool = False  # forward the bearer token / session cookie upstream
     trusted_proxies: tuple[str, ...] = ()  # CIDRs whose X-Forwarded-* headers are trusted
+    # More request headers to remove besides the built-in lists: names, or "Prefix-*".
+    strip_request_headers: tuple[str, ...] = ()
     clock_skew_seconds: int = Field(default=60, ge=0, le=600)
     session: SessionConfig = SessionConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
     unsupported: UnsupportedConfig = UnsupportedConfig()
     logging: LoggingConfig = LoggingConfig()
+    admin_auth: AdminAuthConfig | None = None  # None: the admin listener asks no credentials
     shutdown_grace_seconds: float = Field(default=25.0, ge=0, le=3600)
     max_body_bytes: int | None = Field(default=None, ge=0)  # None: unlimited, streamed
     demo_upstream: bool = False  # serve a small built-in upstream (for `make run`)
+    # HTTP client of the proxied path: aiohttp's ClientSession, or the lean httptools one
+    # (sidecar/upstream_h1.py). WebSockets always go through aiohttp's client.
+    upstream_transport: Literal["aiohttp", "h1"] = "h1"
 
     @field_validator("interface", "admin_interface", mode="before")
     @classmethod
@@ -346,6 +432,18 @@ class Settings(Model):
                 ipaddress.ip_network(item, strict=False)
             except ValueError:
                 raise ValueError(f"{item!r} is not an IP address or CIDR") from None
+        return value
+
+    @field_validator("strip_request_headers")
+    @classmethod
+    def _strip(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            name = item.removesuffix("*")
+            # "*" alone (or a one-letter prefix) would remove headers the upstream needs.
+            if len(name) < 2 or not HEADER_NAME.match(name) or "*" in name:
+                raise ValueError(
+                    f"{item!r} is not a header name or a 'Prefix-*' of at least 2 characters"
+                )
         return value
 
     def upstream_for(self, db: str) -> str:
@@ -419,10 +517,23 @@ def _messages(exc: ValidationError) -> list[str]:
     return problems
 
 
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def cross_checks(data: Mapping[str, Any]) -> list[str]:
     """Rules that span keys, run on the raw document so they are reported even when other
     fields are invalid too (pydantic skips a model's own validators once a field failed)."""
-    problems: list[str] = []
+    problems: list[str] = _admin_auth_checks(data.get("admin_auth"))
+    session = data.get("session")
+    if isinstance(session, Mapping):
+        ttl = session.get("ttl", SESSION_TTL)
+        lifetime = session.get("max_lifetime", SESSION_MAX_LIFETIME)
+        if _whole(ttl) and _whole(lifetime) and lifetime < ttl:
+            problems.append(
+                f"session.max_lifetime: must be at least session.ttl ({ttl}); "
+                f"the default is {SESSION_MAX_LIFETIME} (7 days)"
+            )
     databases = data.get("databases")
     if not isinstance(databases, Mapping):
         return problems
@@ -449,6 +560,19 @@ def cross_checks(data: Mapping[str, Any]) -> list[str]:
         if default is not None and default not in names:
             problems.append(f"{path}.oidc.default_provider: {default!r} is not in providers")
     return problems
+
+
+def _admin_auth_checks(auth: Any) -> list[str]:
+    if not isinstance(auth, Mapping):
+        return []
+    user, password = auth.get("username") is not None, auth.get("password") is not None
+    if user and not password:
+        return ["admin_auth.password: required when username is set"]
+    if password and not user:
+        return ["admin_auth.username: required when password is set"]
+    if not user and auth.get("bearer_token") is None:
+        return ["admin_auth: needs username and password, or bearer_token, or both"]
+    return []
 
 
 def parse_settings(data: Any) -> Settings:

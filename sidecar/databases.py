@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from sidecar.config import DatabaseConfig, OIDCConfig, Settings
-from sidecar.errors import NotFound
+from sidecar.errors import NotFound, outside_text
 from sidecar.oidc.provider import ProviderRegistry
 
 
@@ -32,7 +32,8 @@ class Databases:
         try:
             return self._items[name]
         except KeyError:
-            raise NotFound(f"no such database {name!r}") from None
+            # Security: the name comes from the request path; quoted as plain text only.
+            raise NotFound(f"no such database {outside_text(name, limit=64)!r}") from None
 
     def __iter__(self) -> Iterator[Database]:
         return iter(self._items.values())

@@ -1,4 +1,5 @@
-"""The sidecar's error hierarchy; one middleware turns each into `{"error", "reason"}` JSON.
+"""The sidecar's error hierarchy; one middleware turns each into `{"error", "reason"}` JSON
+(or, for a person's browser, a small HTML page with the same status and reason).
 
 SidecarError (500)
 ├── BadRequest (400)              malformed input, failed callback checks
@@ -7,6 +8,7 @@ SidecarError (500)
 ├── NotFound (404)                unknown database, no session
 ├── MethodNotAllowed (405)
 ├── PayloadTooLarge (413)
+├── Unimplemented (501)           a transfer coding the sidecar does not implement
 ├── UpstreamError (502)           upstream refused / broke the connection
 │   └── ProviderError (502)       OpenID Provider unreachable or answered nonsense
 │       └── OAuthError (502/401)  the provider answered an OAuth error (wire code kept)
@@ -25,10 +27,13 @@ class SidecarError(Exception):
 
     status: ClassVar[int] = 500
 
-    def __init__(self, reason: str, *, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, reason: str, *, headers: dict[str, str] | None = None, retry: str | None = None
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.headers = headers or {}
+        self.retry = retry  # where a person may try again (a link on the HTML error page)
 
     @property
     def error(self) -> str:
@@ -60,6 +65,12 @@ class MethodNotAllowed(SidecarError):
 
 class PayloadTooLarge(SidecarError):
     status = 413
+
+
+class Unimplemented(SidecarError):
+    """RFC 9112 6.1: a request with a transfer coding the sidecar does not understand."""
+
+    status = 501
 
 
 class UpstreamError(SidecarError):
@@ -99,3 +110,17 @@ class ServiceUnavailable(SidecarError):
 
 class GatewayTimeout(SidecarError):
     status = 504
+
+
+# Security: what a provider or a client wrote (an error_description, a user name, a token's
+# alg) is quoted in a reason only as plain text: printable ASCII (RFC 6749 5.2 already limits
+# error_description to it) without the characters HTML or a quoted string read as syntax.
+_MARKUP = frozenset("<>&\"'\\`")
+_PLAIN = frozenset(chr(c) for c in range(0x20, 0x7F)) - _MARKUP
+
+
+def outside_text(value: str, limit: int = 200) -> str:
+    """`value` fit to quote in a reason: characters outside `_PLAIN` (markup, quotes, control
+    characters such as CR LF, non-ASCII) dropped, at most `limit` characters kept."""
+    kept = "".join(c for c in value if c in _PLAIN).strip()
+    return kept if len(kept) <= limit else kept[:limit] + "..."

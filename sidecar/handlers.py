@@ -9,14 +9,17 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar import keys
-from sidecar.auth import authenticate
+from sidecar.auth import authenticate, login_redirect
 from sidecar.databases import Database
+from sidecar.errors import Forbidden, Unauthorized
 from sidecar.headers import client_ip_trusted, upstream_request_headers
 from sidecar.identity import Identity
 from sidecar.observe import finisher
-from sidecar.proxy import target_url
+from sidecar.request_head import check_request_head
+from sidecar.sessions.origin import cross_site_cookie_use
 from sidecar.sessions.store import hash_session_id
 from sidecar.sgbridge import SessionBridge
+from sidecar.targets import target_url
 
 
 async def defer_continue(request: web.Request) -> None:
@@ -30,8 +33,20 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     app = request.app
     db = app[keys.DATABASES].get(request.match_info["db"])
     request[keys.DB_NAME] = db.name
-    identity = await authenticate(request, db)  # raises: nothing below runs unauthenticated
+    # Security: a Host or framing the upstream could read differently is refused up front.
+    host = check_request_head(request.headers, request.version)
+    try:
+        identity = await authenticate(request, db)  # raises: nothing below runs unauthenticated
+    except Unauthorized:
+        if (to_login := login_redirect(request, db)) is None:  # a browser: off to sign in
+            raise
+        return to_login
     request[keys.IDENTITY] = identity
+    websocket = _is_websocket_upgrade(request)
+    if websocket and cross_site_cookie_use(
+        request, db, by_cookie=identity.via == "session"
+    ):  # security: cross-site websocket hijacking; the upstream never sees it
+        raise Forbidden("Origin not allowed to use a cookie session")
     bridge = app[keys.SG_BRIDGES].get(db.name)  # Sync Gateway: it must see the user too
     sg_session = await bridge.upstream_cookie(identity) if bridge is not None else None
     if request.get(keys.CONTINUE_DEFERRED):
@@ -45,21 +60,21 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
         names=settings.identity_headers,
         peer=peer,
         scheme=request.scheme,
-        host=request.host,
+        host=host,
         trusted=client_ip_trusted(peer, app[keys.TRUSTED_NETWORKS]),
         pass_authorization=settings.pass_authorization,
         session_cookie_name=db.cookie_name,
         request_id=request[keys.REQUEST_ID],
         couchdb=settings.couchdb_proxy_auth if settings.couchdb_proxy_auth.enabled else None,
+        strip=settings.strip_request_headers,
     )
     if sg_session is not None:
         SessionBridge.apply(headers, db.cookie_name, sg_session)
         request[keys.SG_SESSION] = sg_session
-    target = target_url(db.upstream, request.raw_path)
-    forwarder = app[keys.FORWARDER]
-    if _is_websocket_upgrade(request):
+    target = target_url(db.upstream, request.raw_path, db.name)
+    if websocket:
         return await _relay_websocket(request, db, identity, target, headers)
-    return await forwarder.http(request, target, headers, before_send=finisher(request))
+    return await app[keys.FORWARDER].http(request, target, headers, before_send=finisher(request))
 
 
 async def _relay_websocket(

@@ -37,3 +37,5 @@ REQUEST_ID = web.RequestKey[str]("request_id")
 DB_NAME = web.RequestKey[str]("db")
 CONTINUE_DEFERRED = web.RequestKey[bool]("continue_deferred")  # Expect: 100-continue pending
 SG_SESSION = web.RequestKey[str]("sg_session")  # the Sync Gateway session sent upstream
+RETURN_TARGET = web.RequestKey[str | None]("return_target")  # where a login lands the browser
+QUIET = web.RequestKey[bool]("quiet")  # the sidecar's own fetch: no access-log line

@@ -185,6 +185,19 @@ class AccessLog:
 
 ACCESS_LOG = AccessLog()
 
+_AUDIT = logging.getLogger("sidecar.audit")
+AUDIT_FIELDS = frozenset({"user", "provider", "db", "reason", "sessions", "via"})
+
+
+def audit(event: str, **fields: str | int | None) -> None:
+    """One structured line (logger `sidecar.audit`, message = `event`) per login, refresh,
+    logout, back-channel logout and revocation. Security: only the named fields exist, so a
+    token can never be passed in by accident."""
+    unknown = set(fields) - AUDIT_FIELDS
+    if unknown:
+        raise TypeError(f"audit fields {sorted(unknown)} are not allowed")
+    _AUDIT.info(event, extra={"event": event, **fields})
+
 
 def setup_logging(fmt: str = "json", level: str = "info") -> None:
     handler = BufferedStreamHandler()

@@ -1,4 +1,5 @@
-"""Every request's bookkeeping: request id, errors as JSON, final headers, one log line, metrics.
+"""Every request's bookkeeping: request id, errors as JSON (HTML pages for browsers), final
+headers, one log line, metrics.
 
 Routes are registered wrapped in `observed` rather than through an aiohttp middleware: the
 middleware machinery (two extra coroutine layers and a cache lookup per request) measured
@@ -18,8 +19,10 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from sidecar import keys
+from sidecar.browser import is_page_load
 from sidecar.errors import NotFound, SidecarError
 from sidecar.observability import ACCESS_LOG, Metrics
+from sidecar.pages import error_page
 from sidecar.sessions.cookies import set_session_cookie, sets_session_cookie
 from sidecar.sessions.store import StoreUnavailable
 from sidecar.sgbridge import strip_set_cookies
@@ -44,7 +47,13 @@ def request_id_of(request: web.Request) -> str:
     return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFFFFFF:08x}"
 
 
-def error_response(exc: SidecarError) -> web.Response:
+def error_response(exc: SidecarError, request: web.Request | None = None) -> web.Response:
+    """JSON `{"error", "reason"}`; a small HTML page with the same status and reason when
+    `request` is a person's browser loading a page (sidecar.browser.is_page_load)."""
+    if request is not None and is_page_load(request.method, request.headers):
+        return error_page(
+            exc.status, exc.error, exc.reason, retry_url=exc.retry, headers=exc.headers
+        )
     # Security: reasons may echo provider-sent text (an error_description); never let a
     # browser sniff the JSON as HTML.
     headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store", **exc.headers}
@@ -78,7 +87,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = await handler(request)
         outcome = "ok"
     except SidecarError as exc:
-        response = error_response(exc)
+        response = error_response(exc, request)
         outcome = "rejected" if exc.status < 500 else "failed"
         if isinstance(exc, StoreUnavailable):
             _metrics(request).store_errors.inc()
@@ -140,7 +149,7 @@ def _log_request(request: web.Request, status: int, seconds: float, outcome: str
     identity = request.get(keys.IDENTITY)
     db = request.get(keys.DB_NAME, "-")
     _metrics(request).request(db, outcome, status, seconds)
-    if ACCESS_LOG.enabled():
+    if ACCESS_LOG.enabled() and not request.get(keys.QUIET, False):
         ACCESS_LOG.request(
             {
                 "method": request.method,
@@ -151,5 +160,6 @@ def _log_request(request: web.Request, status: int, seconds: float, outcome: str
                 "db": db,
                 "request_id": request[keys.REQUEST_ID],
                 "remote": request.remote,
+                "listener": "admin" if keys.PUBLIC_APP in request.app else "public",
             }
         )

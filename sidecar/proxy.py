@@ -26,6 +26,7 @@ from sidecar.errors import (
     UpstreamError,
 )
 from sidecar.headers import downstream_response_headers
+from sidecar.upstream_h1 import H1Pool, H1Response
 
 log = logging.getLogger(__name__)
 
@@ -68,26 +69,6 @@ def _client_timeout(connect: float, read: float) -> aiohttp.ClientTimeout:
     # `connect` also bounds waiting for a free pooled connection; `sock_read` is the longest
     # silence allowed between bytes, not a total, so long-lived streams are fine.
     return aiohttp.ClientTimeout(total=None, connect=connect, sock_connect=connect, sock_read=read)
-
-
-def target_url(base: str, path_qs_raw: str) -> URL:
-    """`base` (the upstream's URL) joined with the raw request target, byte for byte.
-
-    Nothing is decoded, re-quoted or normalised: "%2F" in a document ID stays "%2F" (only an
-    empty query, a bare trailing "?", is dropped by yarl). Targets the upstream could read
-    differently from the sidecar's own routing are refused instead.
-    """
-    path, _, _ = path_qs_raw.partition("?")
-    if not path.startswith("/"):
-        raise BadRequest("request target must be an absolute path")
-    if any(not 0x20 < ord(c) < 0x7F or c == "#" for c in path_qs_raw):
-        raise BadRequest("request target contains characters that must be percent-encoded")
-    # Security: an upstream that decodes %2E and removes dot segments would route
-    # "/db/public/%2e%2e/_all_docs" somewhere the sidecar's checks never looked.
-    for segment in path.split("/"):
-        if segment.lower().replace("%2e", ".") in (".", ".."):
-            raise BadRequest("request path contains dot segments")
-    return URL(base.rstrip("/") + path_qs_raw, encoded=True)
 
 
 def _upstream_failure(exc: BaseException) -> SidecarError:
@@ -160,7 +141,9 @@ class Forwarder:
     """Relays requests and WebSockets to the upstream through one pooled ClientSession.
 
     The session must come from `make_client_session` (or be built the same way: above all
-    `auto_decompress=False`, and no cookie jar).
+    `auto_decompress=False`, and no cookie jar). With `h1`, plain HTTP exchanges go through
+    that leaner transport instead (config `upstream_transport: h1`); WebSockets always use
+    the session.
     """
 
     def __init__(
@@ -173,8 +156,10 @@ class Forwarder:
         ws_max_msg_size: int = DEFAULT_WS_MAX_MSG_SIZE,
         ws_close_timeout: float = 10.0,
         disconnect_poll_interval: float | None = 1.0,
+        h1: H1Pool | None = None,
     ) -> None:
         self._session = session
+        self._h1 = h1
         self._timeout = _client_timeout(connect_timeout, read_timeout)
         self._handshake_timeout = connect_timeout + read_timeout
         self._max_body = max_body_bytes
@@ -228,16 +213,22 @@ class Forwarder:
         before_send: Callable[[web.StreamResponse], None] | None = None,
     ) -> web.StreamResponse:
         body = _RequestBody(request.content, self._max_body) if request.body_exists else None
+        upstream: aiohttp.ClientResponse | H1Response
         try:
-            upstream = await self._session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=body.chunks() if body is not None else None,
-                allow_redirects=False,  # redirects are the client's to follow
-                auto_decompress=False,
-                timeout=self._timeout,
-            )
+            if self._h1 is not None:
+                upstream = await self._h1.request(
+                    request.method, url, headers, body.chunks() if body is not None else None
+                )
+            else:
+                upstream = await self._session.request(
+                    request.method,
+                    url,
+                    headers=headers,
+                    data=body.chunks() if body is not None else None,
+                    allow_redirects=False,  # redirects are the client's to follow
+                    auto_decompress=False,
+                    timeout=self._timeout,
+                )
         except (aiohttp.ClientError, OSError) as exc:
             if body is not None and body.too_large:
                 raise PayloadTooLarge(f"request body exceeds {self._max_body} bytes") from None

@@ -238,6 +238,15 @@ class LoginHarness:
             return await read_answer(response)
 
 
+async def forget_refresh_outcome(harness: LoginHarness, refresh_token: str) -> None:
+    """Ends now the seconds-long window in which a refresh token already used answers with the
+    same shared outcome (single_flight.OUTCOME_SECONDS), as its TTL would by itself."""
+    from sidecar.oidc.single_flight import digest
+
+    key = f"sidecar:r:refresh-outcome:{digest(refresh_token)}"
+    await asyncio.to_thread(harness.redis.command, "DEL", key)
+
+
 @pytest.fixture
 async def fresh_redis() -> AsyncIterator[RedisServer]:
     """A redis-server of this test's own: users and sessions never leak between tests."""
@@ -399,10 +408,16 @@ async def raw_http(
     if body:
         lines.append(b"Content-Length: %d" % len(body))
     lines.append(b"Connection: close")
+    return await raw_exchange(port, b"\r\n".join(lines) + b"\r\n\r\n" + body, timeout=timeout)
+
+
+async def raw_exchange(port: int, message: bytes, *, timeout: float = 10.0) -> RawAnswer:
+    """`message` written as is (request line, headers, body: the caller frames it all), then the
+    answer read to EOF, so the message should ask for `Connection: close`."""
     async with asyncio.timeout(timeout):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
-            writer.write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+            writer.write(message)
             await writer.drain()
             data = await reader.read()
         finally:

@@ -197,6 +197,11 @@ async def test_admin_sessions(harness: LoginHarness, admin: Admin) -> None:
     info = await admin.call("GET", "_session", session_id)
     assert info.status == 200
     assert info.body == {
+        # Sync Gateway's body, as the public GET /{db}/_session answers it...
+        "authentication_handlers": ["default", "cookie"],
+        "ok": True,
+        "userCtx": {"channels": {"c": 1}, "name": "bob"},
+        # ...and ours beside it.
         "name": "bob",
         "expires": answer.body["expires"],
         "ttl": 86400,
@@ -401,3 +406,31 @@ async def test_public_port_does_not_expose_the_admin_api(
     not_proxied = await admin.call("GET", "doc")
     assert not_proxied.status == 404
     assert len(harness.upstream.requests) == reached
+
+
+# --- text from the caller is quoted without markup ------------------------------------------------
+
+HOSTILE_NAMES: dict[str, tuple[str, str]] = {
+    "script": ('<script>alert("x")</script>', "'scriptalert(x)/script'"),
+    "quotes": ("o'brien\"", "'obrien'"),
+    "CRLF": ("a\r\nSet-Cookie: x=y", "'aSet-Cookie: x=y'"),
+    "unicode": ("\u00e9l\u00e8ve\u202e", "'lve'"),
+    "very long": ("n" * 500, "'" + "n" * 64 + "...'"),
+}
+
+
+@pytest.mark.parametrize("case", HOSTILE_NAMES, ids=list(HOSTILE_NAMES))
+async def test_admin_reasons_never_reflect_markup(
+    harness: LoginHarness, admin: Admin, case: str
+) -> None:
+    name, quoted = HOSTILE_NAMES[case]
+    unknown = await admin.call("POST", "_session", json={"name": name})
+    assert (unknown.status, unknown.body["reason"]) == (404, f"no such user {quoted}")
+    field = await admin.call("PUT", "_user", "vic", json={name: 1})
+    assert (field.status, field.body["reason"]) == (400, f"unknown field(s): {quoted[1:-1]}")
+    db = await harness.request(
+        admin.http, "GET", URL(f"{harness.admin_url}/{quote(name, safe='')}/_user/x", encoded=True)
+    )
+    assert (db.status, db.body["reason"]) == (404, f"no such database {quoted}")
+    for answer in (unknown, field, db):
+        assert not set(answer.text) & set("<>\r\n"), case

@@ -78,6 +78,7 @@ def minimal() -> Settings:
         (lambda s: s.identity_headers.roles, "X-Forwarded-Roles"),
         (lambda s: s.identity_headers.channels, "X-Forwarded-Channels"),
         (lambda s: s.databases["db"].session_cookie_name, "SyncGatewaySession"),
+        (lambda s: s.databases["db"].oidc.providers["op"].jwks_refresh_seconds, 300),
         (lambda s: s.databases["db"].upstream, None),
         (lambda s: s.upstream_for("db"), UPSTREAM),
     ],
@@ -340,6 +341,10 @@ def test_provider_names(name: str, ok: bool) -> None:
         ({"allowed_algorithms": []}, "allowed_algorithms"),
         ({"token_endpoint_auth_method": "private_key_jwt"}, "token_endpoint_auth_method"),
         ({"register": "sometimes"}, "register"),
+        ({"jwks_refresh_seconds": 29}, "jwks_refresh_seconds"),  # never more often than 30 s
+        ({"jwks_refresh_seconds": 0}, "jwks_refresh_seconds"),
+        ({"jwks_refresh_seconds": 86401}, "jwks_refresh_seconds"),
+        ({"jwks_refresh_seconds": "often"}, "jwks_refresh_seconds"),
         ({"regster": True}, "regster"),
     ],
 )

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from ipaddress import IPv4Network, IPv6Network, ip_network
 
 import pytest
+from aiohttp.test_utils import make_mocked_request
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.config import CouchDBProxyAuth, IdentityHeaders, Secret
+from sidecar.errors import BadRequest, Forbidden
 from sidecar.headers import (
+    ClientView,
     CouchDBHeaders,
     client_ip_trusted,
+    client_view,
     downstream_response_headers,
     encode_value,
     strip_cookie,
@@ -352,7 +357,7 @@ def test_encode_value(text: str, encoded: str) -> None:
 
 def test_control_characters_in_identity_cannot_inject() -> None:
     identity = Identity(
-        name="alice\r\nX-Forwarded-Roles: admin",
+        name="alice",
         email="a\x00b@example.com",
         roles=frozenset({"r\n1", "a,b"}),
         channels=frozenset({"ch 1", "é"}),
@@ -365,7 +370,6 @@ def test_control_characters_in_identity_cannot_inject() -> None:
     )
     for name, value in out.items():
         assert not any(c in value for c in "\r\n\x00"), name
-    assert out["X-Forwarded-User"] == "alice%0D%0AX-Forwarded-Roles:%20admin"
     assert out["X-Forwarded-Email"] == "a%00b@example.com"
     assert out["X-Forwarded-Roles"] == "a%2Cb,r%0A1"  # still exactly two roles
     assert out["X-Forwarded-Channels"] == "ch%201,%C3%A9"
@@ -373,14 +377,59 @@ def test_control_characters_in_identity_cannot_inject() -> None:
     assert out.getall("X-Forwarded-Roles") == ["a%2Cb,r%0A1"]
 
 
+# The user name travels exactly as /_session reports it: Sync Gateway's query-escaped names are
+# visible ASCII already and must not be escaped a second time.
+@pytest.mark.parametrize(
+    "name",
+    [
+        "alice",
+        "bob%40example.com",  # a login's name for bob@example.com
+        "op_bob%2Bx%40example.com",
+        "www.someprovider.com%2Fextra_%7Bbernard%7D",
+        "100%",
+        "a,b",  # one name, never split: the header is single-valued
+        "!#$&'()*+-./:;<=>?@[\\]^_`{|}~\"",
+    ],
+)
+@pytest.mark.parametrize("secret", [None, "s3cret"])
+def test_user_name_is_sent_exactly(name: str, secret: str | None) -> None:
+    out = build([], identity=Identity(name=name), couchdb=CouchDBHeaders(secret=secret))
+    assert out.getall("X-Forwarded-User") == [name]
+    assert out.getall("X-Auth-CouchDB-UserName") == [name]
+    if secret is not None:
+        assert out["X-Auth-CouchDB-Token"] == _hmac_sha256(secret.encode(), name.encode())
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "alice\r\nX-Forwarded-Roles: admin",
+        "al\nice",
+        "nul\x00",
+        "tab\tname",
+        "bob smith",  # admin API names may hold spaces: "bob%20smith" is another user's name
+        "José",
+        "del\x7f",
+        "\ud800",
+        "",
+    ],
+)
+def test_user_name_without_an_exact_header_form_is_refused(name: str) -> None:
+    with pytest.raises(Forbidden):
+        build([], identity=Identity(name=name), couchdb=CouchDBHeaders())
+
+
+def test_list_encoding_is_injective() -> None:
+    roles = ["admin", "adm\nin", "adm%0Ain", "adm%250Ain", "adm in", "adm%20in", "a,b", "a%2Cb"]
+    values = {
+        build([], identity=Identity(name="x", roles=frozenset({r})))["X-Forwarded-Roles"]
+        for r in roles
+    }
+    assert len(values) == len(roles)
+
+
 def test_couchdb_secret_not_in_repr() -> None:
     assert "s3cret" not in repr(CouchDBHeaders(secret="s3cret"))
-
-
-def test_encoding_is_injective() -> None:
-    names = ["admin", "adm\nin", "adm%0Ain", "adm%250Ain", "adm in", "adm%20in"]
-    values = {build([], identity=Identity(name=n))["X-Forwarded-User"] for n in names}
-    assert len(values) == len(names)
 
 
 def _hmac_sha256(key: bytes, message: bytes) -> str:
@@ -395,9 +444,9 @@ def _hmac_sha256(key: bytes, message: bytes) -> str:
     [
         (ALICE, "alice", "765542af1f1d587bc60c218dca532a258f56b9c21a427cc819de2a1ff6d3e146"),
         (
-            Identity(name="al\nice"),
-            "al%0Aice",
-            "4487a090eabe2dc102c95468310b2b52f7ef93a7d6934ca3aec1fac7e066ed58",
+            Identity(name="bob%40example.com"),
+            "bob%40example.com",
+            "5b31fd554da886a8b92f1a0ed1a0ec076887cada45bd5c9b0682e7a0bf10e867",
         ),
     ],
 )
@@ -546,3 +595,322 @@ def test_couchdb_reserved_roles_are_never_granted(roles: set[str], expected: lis
     identity = Identity(name="alice", roles=frozenset(roles))
     out = build([], identity=identity, couchdb=CouchDBProxyAuth(enabled=True))
     assert out.getall("X-Auth-CouchDB-Roles", []) == expected
+
+
+# ------------------------------------------------------------------ how the client reached us
+
+PROXIES = [ip_network("10.0.0.0/8"), ip_network("fd00::/8")]
+INSIDE = "internal:4984"  # the Host a request made directly to the pod carries
+
+
+@pytest.mark.parametrize(
+    ("peer", "pairs", "expected"),
+    [
+        # No proxy claims: our own connection decides.
+        ("10.0.0.2", [], ClientView(False, INSIDE)),
+        # The Kubernetes ingress: TLS ends there, it says so.
+        ("10.0.0.2", [("X-Forwarded-Proto", "https")], ClientView(True, INSIDE)),
+        (
+            "10.0.0.2",
+            [("X-Forwarded-Proto", "https"), ("X-Forwarded-Host", "sync.example.com")],
+            ClientView(True, "sync.example.com"),
+        ),
+        ("10.0.0.2", [("X-Forwarded-Proto", "HTTPS")], ClientView(True, INSIDE)),
+        ("10.0.0.2", [("X-Forwarded-Proto", "wss")], ClientView(True, INSIDE)),
+        ("10.0.0.2", [("X-Forwarded-Proto", "http")], ClientView(False, INSIDE)),
+        ("10.0.0.2", [("X-Forwarded-Proto", "ftp")], ClientView(False, INSIDE)),
+        ("::ffff:10.0.0.2", [("X-Forwarded-Proto", "https")], ClientView(True, INSIDE)),
+        ("fd00::1", [("Forwarded", "proto=https")], ClientView(True, INSIDE)),
+        # Security: an untrusted peer's claims are ignored, whatever they say.
+        ("192.0.2.7", [("X-Forwarded-Proto", "https")], ClientView(False, INSIDE)),
+        ("192.0.2.7", [("Forwarded", "proto=https;host=evil.example")], ClientView(False, INSIDE)),
+        ("192.0.2.7", [("X-Forwarded-Host", "evil.example")], ClientView(False, INSIDE)),
+        (None, [("X-Forwarded-Proto", "https")], ClientView(False, INSIDE)),
+        # RFC 7239: one element per proxy, the last one our peer's.
+        ("10.0.0.2", [("Forwarded", "for=192.0.2.60;proto=https;host=a.example")],
+         ClientView(True, "a.example")),
+        ("10.0.0.2", [("Forwarded", 'for="192.0.2.60:4711";proto="https"')],
+         ClientView(True, INSIDE)),
+        ("10.0.0.2", [("Forwarded", "For=192.0.2.60;Proto=HTTPS")], ClientView(True, INSIDE)),
+        # Security: a client's own Forwarded element comes first; our peer's (last) wins.
+        ("10.0.0.2", [("Forwarded", "proto=https;host=evil.example, for=192.0.2.60;proto=http")],
+         ClientView(False, INSIDE)),
+        ("10.0.0.2", [("Forwarded", "proto=https"), ("Forwarded", "for=192.0.2.60;proto=http")],
+         ClientView(False, INSIDE)),
+        # A chain of trusted proxies: the element written by the one facing the client.
+        ("10.0.0.2", [("Forwarded", "for=192.0.2.60;proto=https, for=10.0.0.5;proto=http")],
+         ClientView(True, INSIDE)),
+        ("10.0.0.2", [("Forwarded", 'for=192.0.2.60;proto=https, for="[fd00::5]:80";proto=http')],
+         ClientView(True, INSIDE)),
+        ("10.0.0.2", [("Forwarded", "proto=http, for=192.0.2.1;proto=https, for=10.0.0.5")],
+         ClientView(True, INSIDE)),
+        # ... but not past an untrusted or hidden hop.
+        ("10.0.0.2", [("Forwarded", "proto=https, for=unknown;proto=http")],
+         ClientView(False, INSIDE)),
+        ("10.0.0.2", [("Forwarded", "proto=https, for=_hidden;proto=http")],
+         ClientView(False, INSIDE)),
+        # The element that decides says nothing of proto: X-Forwarded-Proto, then our own.
+        ("10.0.0.2", [("Forwarded", "for=192.0.2.60"), ("X-Forwarded-Proto", "https")],
+         ClientView(True, INSIDE)),
+        ("10.0.0.2", [("Forwarded", "for=192.0.2.60;host=a.example")], ClientView(False, "a.example")),
+        # Appended X-Forwarded-Proto lists pair with X-Forwarded-For from the right.
+        ("10.0.0.2", [("X-Forwarded-Proto", "https, http"), ("X-Forwarded-For", "6.6.6.6, 192.0.2.60")],
+         ClientView(False, INSIDE)),
+        ("10.0.0.2", [("X-Forwarded-Proto", "https, http"), ("X-Forwarded-For", "192.0.2.60, 10.0.0.5")],
+         ClientView(True, INSIDE)),
+        ("10.0.0.2", [("X-Forwarded-Proto", "https"), ("X-Forwarded-For", "192.0.2.60, 10.0.0.5")],
+         ClientView(True, INSIDE)),  # one value: the proxy set it, it did not append
+        ("10.0.0.2", [("X-Forwarded-Proto", "http"), ("X-Forwarded-Proto", "https")],
+         ClientView(True, INSIDE)),
+        ("10.0.0.2", [("X-Forwarded-Proto", " , ")], ClientView(False, INSIDE)),
+        ("10.0.0.2", [("Forwarded", "garbage;;,")], ClientView(False, INSIDE)),
+    ],
+)  # fmt: skip
+def test_client_view(peer: str | None, pairs: Pairs, expected: ClientView) -> None:
+    headers = CIMultiDictProxy(CIMultiDict(pairs))
+    forwarded = make_mocked_request("GET", "/", headers=headers).forwarded  # aiohttp's parser
+    view = client_view(
+        headers, forwarded, https=False, host=INSIDE, peer=peer, trusted_networks=PROXIES
+    )
+    assert view == expected
+
+
+def test_client_view_with_our_own_tls() -> None:
+    """TLS to the sidecar itself counts when no trusted proxy speaks; a trusted proxy's claim
+    describes the client's hop (TLS may end there and be redone towards us)."""
+    none = CIMultiDictProxy(CIMultiDict[str]())
+    view = client_view(none, (), https=True, host=INSIDE, peer="192.0.2.7", trusted_networks=[])
+    assert view == ClientView(True, INSIDE)
+    claim = CIMultiDictProxy(CIMultiDict([("X-Forwarded-Proto", "http")]))
+    view = client_view(
+        claim, (), https=True, host=INSIDE, peer="10.0.0.2", trusted_networks=PROXIES
+    )
+    assert view == ClientView(False, INSIDE)
+
+
+# --------------------------------------------------------------------------- foreign headers
+
+
+def spellings(name: str) -> list[str]:
+    """`name` as a hostile client may spell it: any case, `_` or `.` for `-`."""
+    return [name, name.lower(), name.upper(), name.replace("-", "_"), name.replace("-", ".")]
+
+
+FOREIGN = [
+    "Remote-User",
+    "Remote-Groups",
+    "Remote-Email",
+    "Remote-Name",
+    "REMOTE_USER",
+    "X-Remote-User",
+    "X-Remote-Group",
+    "X-Remote-Extra-Scopes",
+    "X-User",
+    "X-Email",
+    "X-Groups",
+    "X-Auth-User",
+    "X-Auth-Username",
+    "X-Auth-Userid",
+    "X-Auth-Email",
+    "X-Auth-Groups",
+    "X-Auth-Roles",
+    "X-Auth-Subject",
+    "X-Authenticated-User",
+    "X-Authenticated-Userid",
+    "X-Authenticated-Groups",
+    "X-WEBAUTH-USER",
+    "X-WEBAUTH-EMAIL",
+    "X-Auth-Request-User",
+    "X-Auth-Request-Email",
+    "X-Auth-Request-Groups",
+    "X-Auth-Request-Preferred-Username",
+    "X-Auth-Request-Access-Token",
+    "X-Forwarded-Groups",
+    "X-Forwarded-Preferred-Username",
+    "X-Forwarded-Access-Token",
+    "GAP-Auth",
+    "X-Auth-CouchDB-UserName",
+    "X-Auth-CouchDB-Roles",
+    "X-Auth-CouchDB-Token",
+    "OIDC_CLAIM_email",
+    "OIDC_CLAIM_sub",
+    "OIDC_access_token",
+    "OIDC_id_token_payload",
+    "X-Pomerium-Jwt-Assertion",
+    "X-Pomerium-Claim-Email",
+    "X-Authentik-Username",
+    "X-Consumer-Username",
+    "X-Credential-Identifier",
+    "X-Anonymous-Consumer",
+    "X-Userinfo",
+    "X-Id-Token",
+    "X-MS-CLIENT-PRINCIPAL",
+    "X-MS-CLIENT-PRINCIPAL-NAME",
+    "X-MS-TOKEN-AAD-ID-TOKEN",
+    "X-Goog-Authenticated-User-Email",
+    "X-Goog-IAP-JWT-Assertion",
+    "X-Amzn-Oidc-Identity",
+    "Cf-Access-Authenticated-User-Email",
+    "Shib-Identity-Provider",
+    "Mellon-NameID",
+]
+URL_OVERRIDES = [
+    "X-Original-URL",
+    "X-Original-URI",
+    "X-Original-Path",
+    "X-Rewrite-URL",
+    "X-Override-URL",
+    "X-Forwarded-Uri",
+    "X-Forwarded-Url",
+    "X-Forwarded-Path",
+    "X-Forwarded-Prefix",
+    "X-Script-Name",
+    "X-Envoy-Original-Path",
+    "X-Envoy-Original-Url",
+    "X-Envoy-Original-Host",
+]
+# Near misses of the lists above, and headers an upstream needs: all pass untouched.
+KEPT = [
+    "X-Auth-Token",  # a client's own credential for some APIs, not an identity assertion
+    "X-User-Id",
+    "X-Users",
+    "X-Remoteness",
+    "Remotely",
+    "X-Forwarded-Users",
+    "X-Original-Request-Id",
+    "X-Authorization-Hint",
+    "Content-Type",
+    "If-None-Match",
+    "X-CouchDB-WWW-Authenticate",
+]
+
+
+@pytest.mark.parametrize("name", [s for n in FOREIGN for s in spellings(n)])
+@pytest.mark.parametrize("trusted", [False, True])
+def test_foreign_identity_headers_are_removed(name: str, trusted: bool) -> None:
+    out = build([(name, "evil"), (name, "evil"), ("Accept", "*/*")], trusted=trusted)
+    assert "evil" not in out.values()
+    assert out["Accept"] == "*/*"
+    assert out.getall("X-Forwarded-User") == ["alice"]
+
+
+@pytest.mark.parametrize("name", [s for n in URL_OVERRIDES for s in spellings(n)])
+@pytest.mark.parametrize("trusted", [False, True])  # not even from a trusted proxy
+def test_url_override_headers_are_removed(name: str, trusted: bool) -> None:
+    out = build([(name, "/_users/org.couchdb.user:admin"), ("Accept", "*/*")], trusted=trusted)
+    assert list(out) == [
+        "Accept",
+        "X-Forwarded-For",
+        "X-Forwarded-Proto",
+        "X-Forwarded-Host",
+        "X-Forwarded-User",
+        "X-Forwarded-Email",
+        "X-Forwarded-Roles",
+        "X-Forwarded-Channels",
+    ]
+
+
+@pytest.mark.parametrize("name", KEPT)
+def test_near_misses_pass(name: str) -> None:
+    assert build([(name, "v")]).getall(name) == ["v"]
+
+
+@pytest.mark.parametrize(
+    ("strip", "sent", "kept"),
+    [
+        (("X-Tenant",), ["X-Tenant", "x_tenant", "X.TENANT"], ["X-Tenant-Id"]),
+        (("X-Internal-*",), ["X-Internal-Role", "x_internal_anything"], ["X-Internals"]),
+        (("x_acme_user",), ["X-Acme-User"], ["X-Acme-Users"]),
+        ((), [], ["X-Tenant", "X-Internal-Role"]),
+    ],
+)
+def test_configured_headers_are_removed_too(
+    strip: tuple[str, ...], sent: list[str], kept: list[str]
+) -> None:
+    pairs = [(n, "evil") for n in sent] + [(n, "ok") for n in kept] + [("Remote-User", "evil")]
+    out = upstream_request_headers(
+        CIMultiDictProxy(CIMultiDict(pairs)),
+        identity=ALICE,
+        names=NAMES,
+        peer=None,
+        scheme="http",
+        host=None,
+        trusted=False,
+        pass_authorization=False,
+        session_cookie_name="SyncGatewaySession",
+        request_id=None,
+        strip=strip,
+    )
+    assert "evil" not in out.values()
+    for name in kept:
+        assert out.getall(name) == ["ok"]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "X-Forwarded-Port",
+        "X-Forwarded-Scheme",
+        "X-Forwarded-Server",
+        "X-Forwarded-Ssl",
+        "X-Client-IP",
+        "X-Cluster-Client-IP",
+        "True-Client-IP",
+        "CF-Connecting-IP",
+        "Fastly-Client-IP",
+        "X-Original-Forwarded-For",
+        "X-Scheme",
+        "X-Url-Scheme",
+        "Front-End-Https",
+    ],
+)
+def test_more_forwarding_claims_only_from_trusted_proxies(name: str) -> None:
+    assert name not in build([(name, "6.6.6.6")], trusted=False)
+    assert build([(name, "1.2.3.4")], trusted=True).getall(name) == ["1.2.3.4"]
+    assert "6.6.6.6" not in build([(name.replace("-", "_"), "6.6.6.6")], trusted=True).values()
+
+
+@pytest.mark.parametrize(
+    ("pairs", "expected"),
+    [
+        ([("Content_Length", "0")], []),
+        ([("content.length", "0")], []),
+        ([("Content~Length", "0")], []),
+        ([("CONTENT-LENGTH", "5")], [("CONTENT-LENGTH", "5")]),  # the real one, any case
+        ([("Content-Length", "5"), ("Content_Length", "0")], [("Content-Length", "5")]),
+        ([("Transfer_Encoding", "chunked"), ("Content-Length", "5")], [("Content-Length", "5")]),
+        ([("transfer.encoding", "chunked")], []),
+        ([("Transfer-Encoding", "chunked"), ("Content_Length", "5")], []),
+    ],
+)
+def test_framing_look_alikes_are_removed(pairs: Pairs, expected: Pairs) -> None:
+    out = build(pairs)
+    framing = [(k, v) for k, v in out.items() if re.sub("[^a-z]", "", k.lower()) in FRAMING]
+    assert framing == expected
+
+
+FRAMING = {"contentlength", "transferencoding"}
+
+
+@pytest.mark.parametrize(
+    ("value", "ok"),
+    [
+        ("public.example", True),
+        ("public.example:8443", True),
+        ("a.example, b.example", True),  # a chain of proxies
+        ("a b", False),
+        ("evil.example/x", False),
+        ("u@evil.example", False),
+        ("a.example, <b>", False),
+        ("", False),
+    ],
+)
+def test_trusted_forwarded_host_must_be_a_valid_host(value: str, ok: bool) -> None:
+    pairs = [("X-Forwarded-Host", value)]
+    if ok:
+        assert build(pairs, trusted=True).getall("X-Forwarded-Host") == [value]
+    else:
+        with pytest.raises(BadRequest):
+            build(pairs, trusted=True)
+    # from an untrusted client the value is simply replaced by the request's own Host
+    assert build(pairs, trusted=False).getall("X-Forwarded-Host") == ["sync.example.com"]

@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import aiohttp
 import pytest
-from conftest import DB, Answer, LoginHarness, browser
+from conftest import DB, Answer, LoginHarness, browser, forget_refresh_outcome
 from support.op import browser_login, get_tokens
 from yarl import URL
 
@@ -442,7 +442,7 @@ async def test_disable_session_gives_tokens_but_no_session(harness: LoginHarness
             params={"refresh_token": answer.body["refresh_token"]},
         )
         assert refreshed.status == 200, refreshed.text
-        assert sorted(refreshed.body) == ["id_token", "name"]
+        assert sorted(refreshed.body) == ["id_token", "name", "refresh_token"]  # rotated
         assert refreshed.cookie(SESSION_COOKIE) is None
     assert await harness.stored("sessions") == 0
 
@@ -460,7 +460,9 @@ async def test_refresh_gives_a_new_id_token_and_session(harness: LoginHarness) -
             http, f"{harness.url}/{DB}/_oidc_refresh", params={"refresh_token": refresh_token}
         )
         assert refreshed.status == 200, refreshed.text
-        assert sorted(refreshed.body) == ["id_token", "name", "session_id"]  # no refresh_token
+        # The OP rotates refresh tokens: the answer carries the new one.
+        assert sorted(refreshed.body) == ["id_token", "name", "refresh_token", "session_id"]
+        assert refreshed.body["refresh_token"] != refresh_token
         assert refreshed.body["name"] == "op_alice"
         assert refreshed.body["session_id"] != login.body["session_id"]
         assert claims_of(refreshed.body["id_token"])["sub"] == "alice"
@@ -469,13 +471,20 @@ async def test_refresh_gives_a_new_id_token_and_session(harness: LoginHarness) -
         assert refreshed.headers["Cache-Control"] == "no-store"
         assert (await harness.get(http, f"{harness.url}/{DB}/doc")).status == 200  # new cookie
 
-        # The OP rotates refresh tokens: the one just used is dead now.
+        # Used again within seconds, the token answers what its refresh answered...
+        repeat = await harness.get(
+            http, f"{harness.url}/{DB}/_oidc_refresh", params={"refresh_token": refresh_token}
+        )
+        assert repeat.status == 200, repeat.text
+        assert repeat.body["refresh_token"] == refreshed.body["refresh_token"]
+        # ...and after that it is dead: the OP rotated it away.
+        await forget_refresh_outcome(harness, refresh_token)
         replay = await harness.get(
             http, f"{harness.url}/{DB}/_oidc_refresh", params={"refresh_token": refresh_token}
         )
     assert replay.status == 401
     assert replay.cookie(SESSION_COOKIE) is None
-    assert await harness.stored("sessions") == 2
+    assert await harness.stored("sessions") == 3
 
 
 async def test_refresh_with_include_access(harness: LoginHarness) -> None:
@@ -493,6 +502,7 @@ async def test_refresh_with_include_access(harness: LoginHarness) -> None:
         "expires_in",
         "id_token",
         "name",
+        "refresh_token",
         "session_id",
         "token_type",
     ]
@@ -698,9 +708,14 @@ async def test_tokens_never_reach_the_logs(
             f"{harness.url}/{DB}/_oidc_refresh",
             params={"refresh_token": answer.body["refresh_token"]},
         )
-        secrets += [refreshed.body["id_token"], refreshed.body["session_id"]]
+        secrets += [
+            refreshed.body["id_token"],
+            refreshed.body["refresh_token"],
+            refreshed.body["session_id"],
+        ]
         # Failures log too: a replayed code, a dead refresh token, a bad bearer token.
         assert (await harness.get(http, callback)).status == 400
+        await forget_refresh_outcome(harness, answer.body["refresh_token"])
         dead = await harness.get(
             http,
             f"{harness.url}/{DB}/_oidc_refresh",

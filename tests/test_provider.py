@@ -25,6 +25,7 @@ from sidecar.oidc.provider import (
     ProviderRegistry,
     allowed_algorithms,
     discovery_url,
+    key_refresh_interval,
     parse_metadata,
     refresh_interval,
 )
@@ -126,9 +127,13 @@ class OP:
     def config(self, **overrides: Any) -> ProviderConfig:
         return ProviderConfig(issuer=self.issuer, client_id=CLIENT_ID, **overrides)
 
-    def provider(self, **overrides: Any) -> Provider:
+    def provider(self, *, jwks_refresh_seconds: float | None = None, **overrides: Any) -> Provider:
         options = {k: overrides.pop(k) for k in ("min_jwks_refresh_interval",) if k in overrides}
-        return Provider("op", self.config(**overrides), self.http, clock=self.clock, **options)
+        config = self.config(**overrides)
+        if jwks_refresh_seconds is not None:
+            # Test only: below the 30 s the config allows, to watch keys change in a second.
+            config = config.model_copy(update={"jwks_refresh_seconds": jwks_refresh_seconds})
+        return Provider("op", config, self.http, clock=self.clock, **options)
 
     def token(self, key: SigningKey = K1, **overrides: Any) -> str:
         payload = claims(now=self.clock.now, **({"iss": self.issuer} | overrides))
@@ -191,6 +196,30 @@ def test_discovery_url(issuer: str, discovery: str | None, expected: str) -> Non
 )
 def test_refresh_interval(header: str | None, seconds: float) -> None:
     assert refresh_interval(header) == seconds
+
+
+@pytest.mark.parametrize(
+    ("header", "floor", "ceiling", "seconds"),
+    [
+        (None, 30, 300, 300),  # no max-age: jwks_refresh_seconds
+        ("public", 30, 300, 300),
+        ("max-age=120", 30, 300, 120),  # when max-age runs out
+        ("public, max-age=86400", 30, 300, 300),  # but at least every jwks_refresh_seconds
+        ("max-age=5", 30, 300, 30),  # never more often than the floor
+        ("max-age=0", 30, 300, 30),
+        ("no-cache", 30, 300, 30),
+        ("no-store", 30, 3600, 30),
+        ("max-age=600", 30, 3600, 600),
+        ("max-age=abc", 30, 300, 300),
+        ("s-maxage=10", 30, 300, 300),
+        ("max-age=5", 1, 300, 5),  # a lower floor (tests) lets max-age through
+        (None, 1, 0.5, 1),  # the floor wins over a smaller ceiling
+    ],
+)
+def test_key_refresh_interval(
+    header: str | None, floor: float, ceiling: float, seconds: float
+) -> None:
+    assert key_refresh_interval(header, floor=floor, ceiling=ceiling) == seconds
 
 
 def _meta(algs: list[str] | None) -> ProviderMetadata:
@@ -529,7 +558,7 @@ async def test_run_refresh_recovers_from_a_provider_down_at_start(
 async def test_run_refresh_follows_cache_control(op: OP, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(provider_mod, "MIN_REFRESH_SECONDS", 0.05)
     op.state.cache_control = "max-age=0"
-    provider = op.provider()
+    provider = op.provider(min_jwks_refresh_interval=0.05)
     stop = asyncio.Event()
     task = asyncio.create_task(provider.run_refresh(stop))
     await wait_for(lambda: op.state.hits["jwks"] >= 3)
@@ -540,6 +569,102 @@ async def test_run_refresh_follows_cache_control(op: OP, monkeypatch: pytest.Mon
     assert keys is not None and [k.kid for k in keys] == ["k2"]
     stop.set()
     await asyncio.wait_for(task, 1)
+
+
+async def test_keys_follow_max_age_within_the_floor_and_jwks_refresh_seconds(op: OP) -> None:
+    op.state.cache_control = "max-age=7"
+    provider = op.provider()
+    await provider.refresh()
+    assert provider.keys_refresh_seconds == 30  # the floor: never more often than every 30 s
+    op.state.cache_control = "max-age=86400"
+    await provider.refresh()
+    assert provider.keys_refresh_seconds == 300  # jwks_refresh_seconds, the default
+    op.state.cache_control = None
+    await provider.refresh()
+    assert provider.keys_refresh_seconds == 300
+    lowered = op.provider(min_jwks_refresh_interval=1.0)
+    op.state.cache_control = "max-age=7"
+    await lowered.refresh()
+    assert lowered.keys_refresh_seconds == 7
+
+
+async def test_a_retired_key_stops_working_without_any_unknown_kid(op: OP) -> None:
+    """The provider rotates K1 out for K2; only the background loop can notice, since every
+    token that arrives carries the old, still known, kid."""
+    op.state.cache_control = "max-age=3600"  # what a provider may say; jwks_refresh_seconds wins
+    provider = op.provider(min_jwks_refresh_interval=0.05, jwks_refresh_seconds=0.2)
+    old = op.token(K1)
+    stop = asyncio.Event()
+    task = asyncio.create_task(provider.run_refresh(stop))
+    try:
+        await wait_for(lambda: provider.ready)
+        assert await provider.validate(old, leeway=LEEWAY)  # and now cached as verified
+        discovery_hits = op.state.hits["discovery"]
+        op.state.keys = [K2]
+        await wait_for(lambda: [k.kid for k in provider.keys or ()] == ["k2"])
+        with pytest.raises(TokenError) as info:
+            await provider.validate(old, leeway=LEEWAY)
+        assert info.value.code == "unknown_kid"
+        assert await provider.validate(op.token(K2), leeway=LEEWAY)
+        # The discovery document keeps its own (hour-long) schedule meanwhile.
+        assert op.state.hits["discovery"] == discovery_hits
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 1)
+
+
+async def test_a_failed_key_refresh_keeps_the_keys_and_backs_off(
+    op: OP, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(provider_mod, "INITIAL_BACKOFF_SECONDS", 0.05)
+    provider = op.provider(min_jwks_refresh_interval=0.05, jwks_refresh_seconds=0.1)
+    token = op.token(K1)
+    stop = asyncio.Event()
+    task = asyncio.create_task(provider.run_refresh(stop))
+    try:
+        await wait_for(lambda: provider.ready)
+        op.state.down = True
+        hits = op.state.hits["jwks"]
+        await wait_for(lambda: op.state.hits["jwks"] >= hits + 3)  # retried, again and again
+        assert provider.last_error == "JWKS answered HTTP 503"
+        keys = provider.keys
+        assert keys is not None and [k.kid for k in keys] == ["k1"]  # kept
+        provider.cache.clear()  # not from the cache: verified with the kept keys
+        assert await provider.validate(token, leeway=LEEWAY)
+        op.state.down = False
+        op.state.keys = [K1, K2]
+        await wait_for(lambda: len([k.kid for k in provider.keys or ()]) == 2)
+        assert provider.last_error is None
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 1)
+
+
+async def test_key_refresh_backoff_grows() -> None:
+    """Failures are retried later each time (jittered doubling), up to a cap."""
+    loop = asyncio.get_running_loop()
+    failures = 0
+
+    async def failing() -> None:
+        nonlocal failures
+        failures += 1
+        raise ProviderError("down")
+
+    config = ProviderConfig(issuer="https://op.example", client_id=CLIENT_ID)
+    async with aiohttp.ClientSession() as http:
+        provider = Provider("op", config, http)
+        schedule = provider_mod._Schedule("JWKS", failing, lambda: 300.0, backoff=1.0)
+        delays = []
+        for _ in range(10):
+            before = loop.time()
+            await provider._run_one(schedule, loop)
+            delays.append(schedule.due - before)
+    assert failures == 10
+    assert 0.5 <= delays[0] <= 1.0
+    # Each wait is at least the previous one: b(n+1) * 0.5 = b(n) >= b(n) * jitter.
+    assert all(delays[n + 1] >= delays[n] for n in range(5))
+    assert max(delays) <= provider_mod.MAX_BACKOFF_SECONDS
+    assert schedule.backoff == provider_mod.MAX_BACKOFF_SECONDS
 
 
 async def test_run_refresh_survives_errors_and_is_cancellable(

@@ -137,6 +137,53 @@ def test_needs_extension(expires: float, ttl: int, now: float, expected: bool) -
     assert needs_extension(session, now) is expected
 
 
+@pytest.mark.parametrize(
+    ("expires", "max_expires", "now", "expected", "after"),
+    [
+        # ttl 1000, absolute end at T + 1500
+        (T + 1000, T + 1500, T + 101, True, T + 1101),  # a full ttl still fits
+        (T + 1000, T + 1500, T + 600, True, T + 1500),  # cut at the absolute end
+        (T + 1000, T + 1500, T + 1400, True, T + 1500),  # the last step, however small
+        (T + 1499, T + 1500, T + 1400, True, T + 1500),  # ... taken whatever its size
+        (T + 1500, T + 1500, T + 1400, False, T + 1500),  # at the end: nothing to do, no write
+        (T + 1500, T + 1500, T + 1499, False, T + 1500),
+        (T + 1000, T + 1000, T + 500, False, T + 1000),  # max_lifetime == ttl: never extended
+        (T + 1000, T + 1050, T + 40, False, T + 1050),  # +40 s: under 10%, end not reached
+        (T + 1000, T + 1050, T + 50, True, T + 1050),  # reaching the end: one write, before 10%
+    ],
+)
+def test_extension_never_passes_the_absolute_end(
+    expires: float, max_expires: float, now: float, expected: bool, after: float
+) -> None:
+    session = Session(
+        "k", DB, "n", None, (), (), None, created=T, expires=expires, ttl=1000,
+        max_expires=max_expires,
+    )  # fmt: skip
+    assert needs_extension(session, now) is expected
+    if expected:
+        extended = session.extended(now)
+        assert (extended.expires, extended.renewed, extended.last_renewed) == (after, now, now)
+        assert not needs_extension(extended, now)
+    assert session.extension_target(now) <= max_expires
+
+
+def test_new_sessions_end_at_max_lifetime() -> None:
+    session = Session.for_user(ALICE, key="k" * 64, ttl=100, provider=None, now=T, max_lifetime=500)
+    assert (session.expires, session.max_expires, session.renewed) == (T + 100, T + 500, T)
+    # An admin session asking for a ttl beyond max_lifetime gets max_lifetime.
+    long = Session.for_user(ALICE, key="k" * 64, ttl=9000, provider=None, now=T, max_lifetime=500)
+    assert (long.expires, long.max_expires) == (T + 500, T + 500)
+    assert not needs_extension(long, T + 400)
+
+
+def test_records_without_an_absolute_end_get_the_default() -> None:
+    """Sessions stored before max_lifetime existed end 7 days after their creation."""
+    raw = b'{"db":"db","name":"n","created":1000,"expires":2000,"ttl":1000}'
+    session = Session.from_json("k", raw)
+    assert session.max_expires == 1000 + 7 * 86400
+    assert session.last_renewed == 1000  # expires - ttl, as before
+
+
 def test_session_ids() -> None:
     ids = {new_session_id() for _ in range(100)}
     assert len(ids) == 100
@@ -204,6 +251,8 @@ def test_json_round_trips() -> None:
         b'{"db":"db","name":1,"created":1,"expires":2,"ttl":60}',
         b'{"db":"db","name":"n","created":1,"expires":2,"ttl":60,"roles":"admin"}',
         b'{"db":"db","name":"n","created":1,"expires":2,"ttl":60,"roles":[1]}',
+        b'{"db":"db","name":"n","created":1,"expires":2,"ttl":60,"max_expires":"3"}',
+        b'{"db":"db","name":"n","created":1,"expires":2,"ttl":60,"renewed":true}',
         b"\xff",
     ],
 )
@@ -318,6 +367,33 @@ async def test_extension(store: SessionStore) -> None:
     assert await store.get_session_by_key(DB, session.key, T + 101) == extended
     later = await store.get_session(DB, session_id, T + TTL + 50)
     assert later is not None and later.expires == T + TTL + 50 + TTL
+
+
+async def test_extension_stops_at_max_lifetime(store: SessionStore) -> None:
+    """ttl 1000, max_lifetime 1500: extended to the absolute end, never past it; the backend
+    drops the record then, as it does at an idle expiry."""
+    store.max_lifetime = 1500
+    session_id, session = await login(store)
+    assert (session.expires, session.max_expires) == (T + TTL, T + 1500)
+    extended = await store.get_session(DB, session_id, T + 600)
+    assert extended is not None and extended.expires == T + 1500  # not T + 1600
+    assert await store.get_session_by_key(DB, session.key, T + 600) == extended  # written
+    again = await store.get_session(DB, session_id, T + 1400)
+    assert again == extended  # nothing left to extend: no change
+    assert await store.get_session(DB, session_id, T + 1500) is None
+    # An admin session asking for more than max_lifetime is cut at creation.
+    await store.put_user(BOB)
+    _, long = await store.create_session(BOB, ttl=10 * TTL, provider=None, now=T)
+    assert long.expires == T + 1500
+
+
+async def test_looking_by_key_never_extends(store: SessionStore) -> None:
+    """The admin API's view: a session due for extension keeps its expiry when looked at."""
+    session_id, session = await login(store)
+    for _ in range(3):
+        assert await store.get_session_by_key(DB, session.key, T + 500) == session
+    extended = await store.get_session(DB, session_id, T + 500)  # a real use extends it
+    assert extended is not None and extended.expires == T + 500 + TTL
 
 
 async def test_delete_session(store: SessionStore) -> None:
@@ -474,6 +550,33 @@ async def test_records(store: SessionStore) -> None:
     assert await store.get_record("login", "k1") is None
 
 
+async def test_locks(store: SessionStore) -> None:
+    taken, mine = await store.acquire_lock("refresh", "d1", 30)
+    assert taken and mine
+    # Everyone else is told who holds it, however many ask at once.
+    others = await asyncio.gather(*(store.acquire_lock("refresh", "d1", 30) for _ in range(10)))
+    assert others == [(False, mine)] * 10
+    assert (await store.acquire_lock("refresh", "d2", 30))[0]  # another key is another lock
+    assert (await store.acquire_lock("login", "d1", 30))[0]  # so is another kind
+    assert await store.release_lock("refresh", "d1", "not-the-holder") is False
+    assert (await store.acquire_lock("refresh", "d1", 30)) == (False, mine)
+    assert await store.release_lock("refresh", "d1", mine) is True
+    assert await store.release_lock("refresh", "d1", mine) is False  # already released
+    again, theirs = await store.acquire_lock("refresh", "d1", 30)
+    assert again and theirs != mine
+
+
+async def test_a_lock_ends_by_itself(store: SessionStore) -> None:
+    taken, first = await store.acquire_lock("refresh", "d", 0.2)
+    assert taken
+    await asyncio.sleep(0.3)  # the holder crashed: nobody waits past its ttl
+    taken, second = await store.acquire_lock("refresh", "d", 30)
+    assert taken and second != first
+    # The first holder, back late, cannot release the lock someone else holds now.
+    assert await store.release_lock("refresh", "d", first) is False
+    assert await store.acquire_lock("refresh", "d", 30) == (False, second)
+
+
 async def test_concurrent_gets_extend_once(store: SessionStore) -> None:
     session_id, _ = await login(store)
     results = await asyncio.gather(*(store.get_session(DB, session_id, T + 500) for _ in range(20)))
@@ -526,6 +629,15 @@ def store_commands(server: RedisServer, before: dict[str, int]) -> dict[str, int
         for name, calls in after.items()
         if name not in BACKGROUND and calls != before.get(name, 0)
     }
+
+
+async def test_replicas_share_locks(replicas: tuple[RedisStore, RedisStore]) -> None:
+    a, b = replicas
+    taken, token = await a.acquire_lock("refresh", "d", 30)
+    assert taken
+    assert await b.acquire_lock("refresh", "d", 30) == (False, token)
+    assert await b.release_lock("refresh", "d", token) is True  # the token, not the replica
+    assert (await b.acquire_lock("refresh", "d", 30))[0]
 
 
 async def test_replicas_share_sessions(replicas: tuple[RedisStore, RedisStore]) -> None:

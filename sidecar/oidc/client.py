@@ -21,7 +21,7 @@ from authlib.oauth2.rfc6749.parameters import (  # type: ignore[import-untyped]
 from authlib.oauth2.rfc7636 import create_s256_code_challenge  # type: ignore[import-untyped]
 
 from sidecar.config import ProviderConfig
-from sidecar.errors import OAuthError, ProviderError
+from sidecar.errors import OAuthError, ProviderError, outside_text
 from sidecar.oidc.provider import ProviderMetadata
 from sidecar.streams import read_bounded
 
@@ -125,11 +125,13 @@ async def token_request(
     if not isinstance(data, dict):
         raise ProviderError(f"token endpoint answered {status} without a JSON object")
     if status != 200 or "error" in data:
+        # Security: both are provider text that ends up in the caller's reason.
         code = data.get("error")
+        code = outside_text(code, limit=64) if isinstance(code, str) else ""
         description = data.get("error_description")
         raise OAuthError(
-            code if isinstance(code, str) else "invalid_response",
-            description[:200] if isinstance(description, str) else "",
+            code or "invalid_response",
+            outside_text(description) if isinstance(description, str) else "",
         )
     if not isinstance(data.get("id_token"), str):
         raise ProviderError("token endpoint answer has no id_token")

@@ -11,7 +11,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NoReturn
 from urllib.parse import urlsplit
@@ -20,15 +20,19 @@ import aiohttp
 from joserfc.jwk import KeySet
 
 from sidecar.config import OIDCConfig, ProviderConfig
-from sidecar.errors import BadRequest, ProviderError
+from sidecar.errors import BadRequest, ProviderError, outside_text
+from sidecar.oidc import self_fetch
 from sidecar.oidc.algorithms import ASYMMETRIC_ALGORITHMS, DEFAULT_ALGORITHMS
 from sidecar.oidc.tokens import (
+    ParsedToken,
     TokenError,
     VerifiedTokenCache,
     check_header,
+    check_logout_header,
     check_nonce,
     parse_jwks,
     parse_token,
+    verify_logout_token,
     verify_parsed,
 )
 from sidecar.streams import read_bounded
@@ -58,6 +62,11 @@ class ProviderMetadata:
     id_token_signing_alg_values_supported: tuple[str, ...]
     token_endpoint_auth_methods_supported: tuple[str, ...]
     code_challenge_methods_supported: tuple[str, ...]
+    # RFC 9207 3: the provider puts `iss` in every authorization response; absent means false.
+    authorization_response_iss_parameter_supported: bool
+    # OIDC Back-Channel Logout 1.0 section 2.1: whether the OP sends logout tokens (with sid).
+    backchannel_logout_supported: bool
+    backchannel_logout_session_supported: bool
     raw: Mapping[str, Any] = field(repr=False)
 
 
@@ -66,17 +75,31 @@ def discovery_url(config: ProviderConfig) -> str:
     return config.discovery_url or config.issuer.rstrip("/") + WELL_KNOWN
 
 
-def refresh_interval(cache_control: str | None) -> float:
-    """Seconds until the next refresh: Cache-Control max-age clamped to [1 min, 24 h]."""
+def max_age(cache_control: str | None) -> float | None:
+    """The Cache-Control lifetime: max-age's seconds, 0 for no-cache/no-store, else None."""
     if not cache_control:
-        return DEFAULT_REFRESH_SECONDS
+        return None
     match = _MAX_AGE.search(cache_control)
-    if match is None:
-        lowered = cache_control.lower()
-        if "no-cache" in lowered or "no-store" in lowered:
-            return MIN_REFRESH_SECONDS
+    if match is not None:
+        return float(match.group(1))
+    lowered = cache_control.lower()
+    return 0.0 if "no-cache" in lowered or "no-store" in lowered else None
+
+
+def refresh_interval(cache_control: str | None) -> float:
+    """Seconds until the discovery document's next refresh: max-age clamped to [1 min, 24 h]."""
+    age = max_age(cache_control)
+    if age is None:
         return DEFAULT_REFRESH_SECONDS
-    return min(max(float(match.group(1)), MIN_REFRESH_SECONDS), MAX_REFRESH_SECONDS)
+    return min(max(age, MIN_REFRESH_SECONDS), MAX_REFRESH_SECONDS)
+
+
+def key_refresh_interval(cache_control: str | None, *, floor: float, ceiling: float) -> float:
+    """Seconds until the JWKS's next refresh: when its max-age runs out, but never sooner than
+    `floor` (30 s) and never later than `ceiling` (the provider's `jwks_refresh_seconds`), so a
+    key the provider retired stops being accepted within `ceiling` even if it says "a day"."""
+    age = max_age(cache_control)
+    return max(floor, ceiling if age is None else min(age, ceiling))
 
 
 def _fail(reason: str) -> NoReturn:
@@ -100,6 +123,14 @@ def _str_list(doc: Mapping[str, Any], name: str) -> tuple[str, ...]:
     if not isinstance(value, list):
         return ()
     return tuple(v for v in value if isinstance(v, str))
+
+
+def _flag(doc: Mapping[str, Any], name: str) -> bool:
+    value = doc.get(name, False)
+    # Security: a flag that turns a check on is never guessed from a non-boolean value.
+    if not isinstance(value, bool):
+        _fail(f"discovery document: {name} is not a boolean")
+    return value
 
 
 def parse_metadata(doc: Any, *, expected_issuer: str | None) -> ProviderMetadata:
@@ -129,6 +160,12 @@ def parse_metadata(doc: Any, *, expected_issuer: str | None) -> ProviderMetadata
             doc, "token_endpoint_auth_methods_supported"
         ),
         code_challenge_methods_supported=_str_list(doc, "code_challenge_methods_supported"),
+        authorization_response_iss_parameter_supported=_flag(
+            doc, "authorization_response_iss_parameter_supported"
+        ),
+        backchannel_logout_supported=doc.get("backchannel_logout_supported") is True,
+        backchannel_logout_session_supported=doc.get("backchannel_logout_session_supported")
+        is True,
         raw=doc,
     )
 
@@ -195,7 +232,7 @@ class Provider:
         self._keys_failed_at: float | None = None
         self._kid_refetch_at: float | None = None
         self._metadata_interval = DEFAULT_REFRESH_SECONDS
-        self._keys_interval = DEFAULT_REFRESH_SECONDS
+        self._keys_interval = float(config.jwks_refresh_seconds)
 
     def __repr__(self) -> str:
         return f"<Provider {self.name} ready={self.ready}>"
@@ -214,17 +251,17 @@ class Provider:
         return self._keys
 
     @property
-    def refresh_seconds(self) -> float:
-        """When the background loop refreshes next: the shorter of the two documents' lifetimes."""
-        return min(self._metadata_interval, self._keys_interval)
+    def keys_refresh_seconds(self) -> float:
+        """How long the JWKS is used before the background loop fetches it again."""
+        return self._keys_interval
 
     def matches(self, iss: str, aud: list[str]) -> bool:
         return iss == self.config.issuer and self.config.client_id in aud
 
     # --- fetching -------------------------------------------------------------------------
 
-    async def _fetch_json(self, url: str, what: str) -> tuple[Any, float]:
-        """GET a JSON document (bounded size, JSON type); also its refresh interval."""
+    async def _fetch_json(self, url: str, what: str) -> tuple[Any, str | None]:
+        """GET a JSON document (bounded size, JSON type); also its Cache-Control header."""
         if self._on_fetch is None:
             return await self._fetch_json_unobserved(url, what)
         started = time.perf_counter()
@@ -237,25 +274,25 @@ class Provider:
             kind = "jwks" if what == "JWKS" else "discovery"
             self._on_fetch(self.name, kind, result, time.perf_counter() - started)
 
-    async def _fetch_json_unobserved(self, url: str, what: str) -> tuple[Any, float]:
+    async def _fetch_json_unobserved(self, url: str, what: str) -> tuple[Any, str | None]:
         try:
             async with self._http.get(
                 url,
                 timeout=self._timeout,
-                headers={"Accept": "application/json"},
+                headers={"Accept": "application/json", **self_fetch.headers_for(url)},
                 max_redirects=3,
             ) as resp:
                 if resp.status != 200:
                     _fail(f"{what} answered HTTP {resp.status}")
                 if not _is_json(resp.content_type):
-                    _fail(f"{what} is not JSON ({resp.content_type})")
+                    _fail(f"{what} is not JSON ({outside_text(resp.content_type, 64)})")
                 # Security: bounded reads; a hostile or broken provider cannot fill our memory.
                 if resp.content_length is not None and resp.content_length > MAX_DOCUMENT_BYTES:
                     _fail(f"{what} is larger than {MAX_DOCUMENT_BYTES} bytes")
                 body = await read_bounded(resp.content, MAX_DOCUMENT_BYTES)
                 if body is None:
                     _fail(f"{what} is larger than {MAX_DOCUMENT_BYTES} bytes")
-                interval = refresh_interval(resp.headers.get("Cache-Control"))
+                cache_control = resp.headers.get("Cache-Control")
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             # ClientError covers connection refused, TLS failures, too many redirects.
             detail = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
@@ -264,19 +301,21 @@ class Provider:
             document = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
         except (UnicodeDecodeError, ValueError, RecursionError):
             _fail(f"{what} is not valid JSON")
-        return document, interval
+        return document, cache_control
 
     async def _fetch_metadata(self) -> ProviderMetadata:
         self.discovery_fetches += 1
         strict = not (self.config.discovery_url or self.config.disable_cfg_validation)
-        doc, interval = await self._fetch_json(discovery_url(self.config), "discovery document")
+        doc, cache_control = await self._fetch_json(
+            discovery_url(self.config), "discovery document"
+        )
         metadata = parse_metadata(doc, expected_issuer=self.config.issuer if strict else None)
-        self._metadata_interval = interval
+        self._metadata_interval = refresh_interval(cache_control)
         return metadata
 
     async def _fetch_keys(self, jwks_uri: str) -> KeySet:
         self.jwks_fetches += 1
-        doc, interval = await self._fetch_json(jwks_uri, "JWKS")
+        doc, cache_control = await self._fetch_json(jwks_uri, "JWKS")
         try:
             keys, skipped = parse_jwks(doc)
         except ValueError:
@@ -285,7 +324,11 @@ class Provider:
             log.warning("provider %s: JWKS %s skipped", self.name, note)
         if not keys.keys:
             _fail("JWKS has no usable signature keys")
-        self._keys_interval = interval
+        self._keys_interval = key_refresh_interval(
+            cache_control,
+            floor=self.min_jwks_refresh_interval,
+            ceiling=self.config.jwks_refresh_seconds,
+        )
         return keys
 
     def _recently_failed(self, failed_at: float | None) -> bool:
@@ -413,20 +456,46 @@ class Provider:
             "trusted_audiences": self.config.trusted_audiences,
         }
         try:
-            try:
-                claims = verify_parsed(parsed, keys=keys, now=self._clock(), **options)
-            except TokenError as exc:
-                if exc.code != "unknown_kid":
-                    raise
-                refreshed = await self._refetch_for_unknown_kid()
-                if refreshed is None:
-                    raise
-                claims = verify_parsed(parsed, keys=refreshed, now=self._clock(), **options)
+            claims = await self._verify(parsed, keys, verify_parsed, options)
         except TokenError as exc:
             self.cache.put_failure(token, issuer, client_id, exc, self._clock())
             raise
         self.cache.put(token, issuer, client_id, claims)
         return claims
+
+    async def validate_logout_token(self, token: str, *, leeway: int) -> dict[str, Any]:
+        """The claims of a valid Back-Channel Logout 1.0 logout token from this provider (not
+        cached: each is used once); TokenError or ProviderError. Replay is the caller's check."""
+        parsed = parse_token(token)
+        check_logout_header(parsed.header, self.config.allowed_algorithms or ASYMMETRIC_ALGORITHMS)
+        metadata = await self.ensure_metadata()
+        keys = await self.ensure_keys()
+        options: dict[str, Any] = {
+            "issuer": self.config.issuer,
+            "client_id": self.config.client_id,
+            "allowed_algs": allowed_algorithms(self.config, metadata),
+            "leeway": leeway,
+            "trusted_audiences": self.config.trusted_audiences,
+        }
+        return await self._verify(parsed, keys, verify_logout_token, options)
+
+    async def _verify(
+        self,
+        parsed: ParsedToken,
+        keys: KeySet,
+        verify: Callable[..., dict[str, Any]],
+        options: dict[str, Any],
+    ) -> dict[str, Any]:
+        """`verify` with the cached keys, once more after a JWKS re-fetch for an unknown kid."""
+        try:
+            return verify(parsed, keys=keys, now=self._clock(), **options)
+        except TokenError as exc:
+            if exc.code != "unknown_kid":
+                raise
+            refreshed = await self._refetch_for_unknown_kid()
+            if refreshed is None:
+                raise
+            return verify(parsed, keys=refreshed, now=self._clock(), **options)
 
     async def _refetch_for_unknown_kid(self) -> KeySet | None:
         try:
@@ -439,29 +508,70 @@ class Provider:
     # --- background -----------------------------------------------------------------------
 
     async def run_refresh(self, stop: asyncio.Event | None = None) -> None:
-        """Discover, then keep metadata and keys fresh until `stop` is set or cancelled."""
+        """Discover, then keep metadata and keys fresh until `stop` is set or cancelled.
+
+        Each document has its own schedule: the discovery document its max-age (1 min..24 h),
+        the JWKS its max-age within [min_jwks_refresh_interval, jwks_refresh_seconds]. A failed
+        refresh keeps what was loaded and is retried with jittered exponential backoff.
+        """
         stop = stop if stop is not None else asyncio.Event()
-        backoff = INITIAL_BACKOFF_SECONDS
+        loop = asyncio.get_running_loop()
+        schedules = (
+            _Schedule(
+                "discovery document",
+                lambda: self._load_metadata(refresh=True),
+                lambda: self._metadata_interval,
+                backoff=INITIAL_BACKOFF_SECONDS,
+            ),
+            _Schedule(
+                "JWKS",
+                lambda: self._load_keys("refresh"),
+                lambda: self._keys_interval,
+                backoff=INITIAL_BACKOFF_SECONDS,
+            ),
+        )
         while not stop.is_set():
+            for schedule in schedules:
+                if schedule.due <= loop.time():
+                    await self._run_one(schedule, loop)
+            delay = min(schedule.due for schedule in schedules) - loop.time()
             try:
-                await self.refresh()
-            except Exception as exc:  # the loop must survive anything; CancelledError passes
-                reason = exc.reason if isinstance(exc, ProviderError) else type(exc).__name__
-                if not isinstance(exc, ProviderError):
-                    log.exception("provider %s: refresh failed unexpectedly", self.name)
-                    self.last_error = reason
-                delay = backoff * random.uniform(0.5, 1.0)  # noqa: S311 (jitter, not crypto)
-                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
-                log.warning(
-                    "provider %s: refresh failed (%s); retrying in %.1fs", self.name, reason, delay
-                )
-            else:
-                backoff = INITIAL_BACKOFF_SECONDS
-                delay = self.refresh_seconds
-            try:
-                await asyncio.wait_for(stop.wait(), delay)
+                await asyncio.wait_for(stop.wait(), max(delay, 0.0))
             except TimeoutError:
                 pass
+
+    async def _run_one(self, schedule: _Schedule, loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            await schedule.load()
+        except Exception as exc:  # the loop must survive anything; CancelledError passes
+            reason = exc.reason if isinstance(exc, ProviderError) else type(exc).__name__
+            if not isinstance(exc, ProviderError):
+                log.exception("provider %s: refresh failed unexpectedly", self.name)
+                self.last_error = reason
+            delay = schedule.backoff * random.uniform(0.5, 1.0)  # noqa: S311 (jitter)
+            schedule.backoff = min(schedule.backoff * 2, MAX_BACKOFF_SECONDS)
+            log.warning(
+                "provider %s: %s refresh failed (%s); retrying in %.1fs",
+                self.name,
+                schedule.what,
+                reason,
+                delay,
+            )
+        else:
+            schedule.backoff = INITIAL_BACKOFF_SECONDS
+            delay = self._keys_interval if schedule.what == "JWKS" else self._metadata_interval
+        schedule.due = loop.time() + delay
+
+
+@dataclass(slots=True)
+class _Schedule:
+    """One document's refresh in the background loop: when next, and the backoff after a failure."""
+
+    what: str
+    load: Callable[[], Awaitable[object]]
+    interval: Callable[[], float]  # after a success: the document's lifetime
+    backoff: float
+    due: float = 0.0
 
 
 class ProviderRegistry:

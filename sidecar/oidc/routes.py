@@ -1,15 +1,18 @@
 """Sync Gateway's login endpoints: `/{db}/_oidc`, `_oidc_challenge`, `_oidc_callback`, `_refresh`.
 
 Safer than the original without breaking its clients: state is single-use and bound to the
-browser by a cookie, every request carries a nonce and a PKCE S256 challenge.
+browser by a cookie, every request carries a nonce and a PKCE S256 challenge, the callback
+checks the response's issuer (RFC 9207), and no answer leaks its URL through a Referer.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -18,20 +21,44 @@ from yarl import URL
 
 from sidecar import keys
 from sidecar.auth import login_user
+from sidecar.browser import is_page_load, login_path, safe_return_target
 from sidecar.databases import Database
-from sidecar.errors import BadRequest, NotFound, ProviderError, Unauthorized
+from sidecar.errors import (
+    BadRequest,
+    NotFound,
+    ProviderError,
+    SidecarError,
+    Unauthorized,
+    outside_text,
+)
+from sidecar.observability import audit
+from sidecar.oidc import logout
+from sidecar.oidc.browser_answers import browser_answer, replayed_callback
 from sidecar.oidc.client import LoginRequest, authorization_url, new_login, token_request
 from sidecar.oidc.provider import Provider, ProviderRegistry
+from sidecar.oidc.single_flight import single_flight
 from sidecar.oidc.tokens import TokenError
-from sidecar.sessions.cookies import secure_cookies, set_session_cookie
+from sidecar.sessions.cookies import (
+    STATE_COOKIE,
+    expire_state_cookie,
+    set_session_cookie,
+    set_state_cookie,
+)
 from sidecar.sessions.models import User
 
 log = logging.getLogger("sidecar.oidc")
 
-STATE_COOKIE = "sg-oidc-state"
 STATE_TTL = 300  # seconds a login may take, as Sync Gateway's state cookie
 REFRESH_BINDING_TTL = 90 * 86400
+# What a refresh shares with concurrent callers of the same token (sealed, seconds-long).
+REFRESH_SHARED = ("id_token", "refresh_token", "access_token", "token_type", "expires_in")
 MAX_PARAM = 4096
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class StateRejected(BadRequest):
+    """The callback's state is missing, foreign or used up (a reload or Back in a browser)."""
 
 
 def _registry(request: web.Request) -> tuple[Database, ProviderRegistry]:
@@ -87,24 +114,23 @@ async def _start_login(request: web.Request) -> tuple[str, Database]:
     )
     url = authorization_url(meta, provider.config, login)  # may raise: nothing stored yet
     store = request.app[keys.STORE]
-    await store.put_record(
-        "login", _digest(login.state), asdict(login) | {"db": db.name}, STATE_TTL
-    )
+    # The return target stays here with the single-use login state (never in a cookie or in
+    # the URL sent to the provider).
+    record = asdict(login) | {"db": db.name, "rd": _return_target(request, db)}
+    await store.put_record("login", _digest(login.state), record, STATE_TTL)
     return url, db
 
 
-def _set_state_cookie(
-    request: web.Request, response: web.StreamResponse, db: Database, state: str
-) -> None:
-    response.set_cookie(
-        STATE_COOKIE,
-        state,
-        max_age=STATE_TTL,
-        path=f"/{db.name}",
-        httponly=True,
-        secure=secure_cookies(request),
-        samesite="Lax",  # the provider's redirect back is a top-level GET navigation
-    )
+def _return_target(request: web.Request, db: Database) -> str | None:
+    """The `rd` parameter when it is a safe place to land after the login, else None (the
+    callback then shows the signed-in page)."""
+    raw = _param(request, "rd")
+    if raw is None:
+        return None
+    target = safe_return_target(raw, db.config.allowed_redirect_origins)
+    if target is None:
+        log.info("return target refused", extra={"db": db.name, "length": len(raw)})
+    return target
 
 
 def _state_of(url: str) -> str:
@@ -114,7 +140,7 @@ def _state_of(url: str) -> str:
 async def oidc(request: web.Request) -> web.StreamResponse:
     url, db = await _start_login(request)
     response = web.Response(status=302, headers={"Location": url})
-    _set_state_cookie(request, response, db, _state_of(url))
+    set_state_cookie(request, response, db, _state_of(url), STATE_TTL)
     return response
 
 
@@ -130,7 +156,7 @@ async def oidc_challenge(request: web.Request) -> web.StreamResponse:
         status=401,
         headers={"WWW-Authenticate": f"OIDC login={go_quote(url)}"},
     )
-    _set_state_cookie(request, response, db, _state_of(url))
+    set_state_cookie(request, response, db, _state_of(url), STATE_TTL)
     return response
 
 
@@ -138,21 +164,38 @@ def _digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
-def _clean(text: str, limit: int = 200) -> str:
-    """Provider-sent text echoed in a reason: printable characters only, bounded."""
-    return "".join(c for c in text[:limit] if c.isprintable())
+ISS_MISSING = "OIDC Auth Failure: the provider's response has no iss (RFC 9207)"
+ISS_MISMATCH = "OIDC Auth Failure: iss does not match the provider's issuer"
+
+
+async def _check_issuer(request: web.Request, provider: Provider) -> None:
+    """RFC 9207 2.4: an authorization response that names its issuer must name this provider
+    (exact string comparison), else it is a mix-up; a provider that advertises
+    `authorization_response_iss_parameter_supported` must name it. Checked before the state is
+    taken and the code redeemed, so a refused response costs the login nothing."""
+    iss = _param(request, "iss")
+    meta = await provider.ensure_metadata()
+    if iss is None and not meta.authorization_response_iss_parameter_supported:
+        return
+    # The configured issuer, or the metadata's own when discovery_url or
+    # disable_cfg_validation let the two differ: both name this provider and no other.
+    if iss is None or iss not in (provider.config.issuer, meta.issuer):
+        request.app[keys.METRICS].logins.labels(provider.name, "login", "issuer_mismatch").inc()
+        raise BadRequest(ISS_MISSING if iss is None else ISS_MISMATCH)  # never echoes iss
 
 
 async def oidc_callback(request: web.Request) -> web.StreamResponse:
     db, registry = _registry(request)
-    # Sync Gateway's order of checks: error, code, provider, state.
+    # Sync Gateway's order of checks: error, code, provider, state; RFC 9207's iss before state.
     error = _param(request, "error")
     if error is not None:
-        description = _param(request, "error_description") or error
-        request.app[keys.METRICS].logins.labels(
-            _param(request, "provider") or "-", "login", "provider_error"
-        ).inc()
-        raise Unauthorized(f"oidc callback received an error: {_clean(description)}")
+        given = _param(request, "error_description") or ""
+        description = outside_text(given) or outside_text(error, limit=64) or "-"
+        name = _param(request, "provider")
+        # A configured name only: a metric label never takes a caller's text.
+        label = name if name in {p.name for p in registry} else "-"
+        request.app[keys.METRICS].logins.labels(label, "login", "provider_error").inc()
+        raise Unauthorized(f"oidc callback received an error: {description}")
     code = _param(request, "code")
     if not code:
         raise BadRequest("Code must be present on oidc callback")
@@ -160,21 +203,23 @@ async def oidc_callback(request: web.Request) -> web.StreamResponse:
         provider = _provider(registry, _param(request, "provider"))
     except BadRequest:
         raise BadRequest("Unable to identify provider for callback request") from None
+    await _check_issuer(request, provider)
     state = _param(request, "state")
     if not provider.config.disable_callback_state:
         cookie = request.cookies.get(STATE_COOKIE)
         if cookie is None:
-            raise BadRequest("OIDC Auth Failure: No state cookie found for callback")
+            raise StateRejected("OIDC Auth Failure: No state cookie found for callback")
         # Security: the state must come back to the browser that started the login.
         if state is None or not hmac.compare_digest(cookie.encode(), state.encode()):
-            raise BadRequest("OIDC Auth Failure: State mismatch")
+            raise StateRejected("OIDC Auth Failure: State mismatch")
     if not state:
         raise BadRequest("OIDC Auth Failure: State mismatch")
     store = request.app[keys.STORE]
     record = await store.take_record("login", _digest(state))  # single use, on every replica
     if record is None or record.get("db") != db.name or record.get("provider") != provider.name:
-        raise BadRequest("OIDC Auth Failure: State expired or already used")
-    login = LoginRequest(**{k: v for k, v in record.items() if k != "db"})
+        raise StateRejected("OIDC Auth Failure: State expired or already used")
+    request[keys.RETURN_TARGET] = record.get("rd")
+    login = LoginRequest(**{k: v for k, v in record.items() if k not in ("db", "rd")})
 
     tokens = await _grant(
         request,
@@ -187,6 +232,7 @@ async def oidc_callback(request: web.Request) -> web.StreamResponse:
     )
     claims = await _validate(request, provider, tokens["id_token"], nonce=login.nonce)
     user = await login_user(store, db, provider.name, provider.config, claims)
+    audit("login", user=user.name, provider=provider.name, db=db.name, reason="code flow")
     refresh_token = tokens.get("refresh_token")
     if isinstance(refresh_token, str) and refresh_token:
         await store.put_record(
@@ -199,7 +245,9 @@ async def oidc_callback(request: web.Request) -> web.StreamResponse:
     if isinstance(refresh_token, str):
         body["refresh_token"] = refresh_token
     response = await _session_answer(request, db, provider, user, tokens, body)
-    response.del_cookie(STATE_COOKIE, path=f"/{db.name}")
+    if is_page_load(request.method, request.headers):  # a person: a page, never the tokens
+        response = await browser_answer(request, db, provider, _digest(state), body, response)
+    expire_state_cookie(request, response, db)
     return response
 
 
@@ -214,21 +262,39 @@ async def oidc_refresh(request: web.Request) -> web.StreamResponse:
     if binding is None or binding.get("db") != db.name or binding.get("provider") != provider.name:
         request.app[keys.METRICS].logins.labels(provider.name, "refresh", "unknown_token").inc()
         raise Unauthorized("Unable to refresh token: unknown refresh token")
-    tokens = await _grant(
-        request, provider, "refresh", "refresh_token", refresh_token=refresh_token
+
+    async def refresh_grant() -> dict[str, Any]:
+        tokens = await _grant(
+            request, provider, "refresh", "refresh_token", refresh_token=refresh_token
+        )
+        claims = await _validate(request, provider, tokens["id_token"], nonce=None)
+        # OIDC Core 12.2: a refreshed ID token keeps the original iss and sub.
+        if claims["iss"] != binding["iss"] or claims["sub"] != binding["sub"]:
+            request.app[keys.METRICS].logins.labels(
+                provider.name, "refresh", "subject_changed"
+            ).inc()
+            raise Unauthorized("Unable to refresh token: the provider changed the token's subject")
+        new_refresh = tokens.get("refresh_token")
+        if isinstance(new_refresh, str) and new_refresh and new_refresh != refresh_token:
+            await store.put_record("refresh", _digest(new_refresh), binding, REFRESH_BINDING_TTL)
+        return {k: tokens[k] for k in REFRESH_SHARED if k in tokens}
+
+    # One provider call per refresh token, whichever replicas its concurrent callers reach;
+    # each caller still gets a session of its own.
+    provider_timeout = request.app[keys.SETTINGS].timeouts.provider
+    tokens = await single_flight(
+        store, "refresh", refresh_token, refresh_grant, lock_seconds=2 * provider_timeout + 5
     )
-    claims = await _validate(request, provider, tokens["id_token"], nonce=None)
-    # OIDC Core 12.2: a refreshed ID token keeps the original iss and sub.
-    if claims["iss"] != binding["iss"] or claims["sub"] != binding["sub"]:
-        request.app[keys.METRICS].logins.labels(provider.name, "refresh", "subject_changed").inc()
-        raise Unauthorized("Unable to refresh token: the provider changed the token's subject")
-    new_refresh = tokens.get("refresh_token")
-    if isinstance(new_refresh, str) and new_refresh and new_refresh != refresh_token:
-        await store.put_record("refresh", _digest(new_refresh), binding, REFRESH_BINDING_TTL)
+    claims = await _validate(request, provider, tokens["id_token"], nonce=None)  # cached
     user = await login_user(store, db, provider.name, provider.config, claims)
-    return await _session_answer(
-        request, db, provider, user, tokens, {"id_token": tokens["id_token"]}
-    )
+    body: dict[str, Any] = {"id_token": tokens["id_token"]}
+    new_refresh = tokens.get("refresh_token")
+    # The provider rotated the token: the client must get the new one. Couchbase Lite keeps
+    # its old token when the field is absent (Sync Gateway never sends it), so this adds to it.
+    if isinstance(new_refresh, str) and new_refresh and new_refresh != refresh_token:
+        body["refresh_token"] = new_refresh
+    audit("refresh", user=user.name, provider=provider.name, db=db.name, reason="refresh token")
+    return await _session_answer(request, db, provider, user, tokens, body)
 
 
 async def _grant(
@@ -271,7 +337,9 @@ async def _validate(
             "provider sent an ID token that failed validation",
             extra={"provider": provider.name, "reason": exc.code},
         )
-        raise Unauthorized(f"Invalid ID token from provider: {exc.reason}") from None
+        # Security: a reason may quote the token's own header (alg, typ, kid).
+        reason = outside_text(exc.reason)
+        raise Unauthorized(f"Invalid ID token from provider: {reason}") from None
     return claims
 
 
@@ -291,6 +359,7 @@ async def _session_answer(
             user, ttl=settings.session.ttl, provider=provider.name, now=time.time()
         )
         request.app[keys.METRICS].sessions_created.labels("oidc").inc()
+        await logout.remember_login(request, db, provider, session_id, session, tokens["id_token"])
         body["session_id"] = session_id
     body["name"] = user.name
     if provider.config.include_access:
@@ -303,10 +372,87 @@ async def _session_answer(
     return response
 
 
+NO_REFERRER = {"Referrer-Policy": "no-referrer"}
+
+
+def no_referrer(handler: Handler) -> Handler:
+    """`handler` whose every answer, refusals included, carries `Referrer-Policy: no-referrer`.
+
+    Security: the callback's URL holds the code and state, the refresh URL a refresh token;
+    a page or redirect reached from there must not send that URL on as a Referer."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except (SidecarError, web.HTTPException) as exc:  # answered by `observe` / aiohttp
+            exc.headers.update(NO_REFERRER)
+            raise
+        response.headers.update(NO_REFERRER)
+        return response
+
+    return wrapped
+
+
+def browser_callback(handler: Handler) -> Handler:
+    """The callback as a person's browser meets it (API clients pass straight through): a
+    reload or Back on a used callback while signed in goes where the first one went; an error
+    page offers "Try again" — a new login, back to the same return target when known."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        if not is_page_load(request.method, request.headers):
+            return await handler(request)
+        try:
+            return await handler(request)
+        except SidecarError as exc:
+            name = request.get(keys.DB_NAME)
+            if name is None:  # no such database: nowhere to try again
+                raise
+            db = request.app[keys.DATABASES].get(name)
+            state = request.query.get("state")  # only a lookup key here; checked by handler
+            if isinstance(exc, StateRejected) and state:
+                again = await replayed_callback(request, db, _digest(state))
+                if again is not None:
+                    return again
+            exc.retry = login_path(
+                request.app[keys.SETTINGS].public_url,
+                db.name,
+                provider=request.query.get("provider"),
+                rd=await _abandoned_target(request, db, state),
+            )
+            raise
+
+    return wrapped
+
+
+def without_referrer(defs: list[web.RouteDef]) -> list[web.RouteDef]:
+    """Route definitions wrapped in `no_referrer` (the `_oidc*` and `_oidc_testing` routes)."""
+    return [web.route(d.method, d.path, no_referrer(d.handler), **d.kwargs) for d in defs]
+
+
+async def _abandoned_target(request: web.Request, db: Database, state: str | None) -> str | None:
+    """The return target of the login this failed callback ends: known once the state was
+    taken; after a provider error (Cancel) taken here, for the browser that started it."""
+    target = request.get(keys.RETURN_TARGET)
+    if target is not None or not state or "error" not in request.query:
+        return target
+    cookie = request.cookies.get(STATE_COOKIE)
+    if cookie is None or not hmac.compare_digest(cookie.encode(), state.encode()):
+        return None  # security: a return target only for the browser that started the login
+    record = await request.app[keys.STORE].take_record("login", _digest(state))
+    if record is None or record.get("db") != db.name or not isinstance(record.get("rd"), str):
+        return None
+    rd: str = record["rd"]
+    return rd
+
+
 def routes() -> list[web.RouteDef]:
-    return [
-        web.get("/{db}/_oidc", oidc),
-        web.get("/{db}/_oidc_challenge", oidc_challenge),
-        web.get("/{db}/_oidc_callback", oidc_callback),
-        web.get("/{db}/_oidc_refresh", oidc_refresh),
-    ]
+    return without_referrer(
+        [
+            web.get("/{db}/_oidc", oidc),
+            web.get("/{db}/_oidc_challenge", oidc_challenge),
+            web.get("/{db}/_oidc_callback", browser_callback(oidc_callback)),
+            web.get("/{db}/_oidc_refresh", oidc_refresh),
+            *logout.routes(),  # /{db}/_oidc_logout, _oidc_backchannel_logout
+        ]
+    )

@@ -25,7 +25,15 @@ from joserfc import jwt
 from joserfc.jwk import RSAKey
 from yarl import URL
 
-from sidecar.errors import BadRequest, MethodNotAllowed, PayloadTooLarge, SidecarError
+from sidecar import keys
+from sidecar.errors import (
+    BadRequest,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    SidecarError,
+    outside_text,
+)
+from sidecar.oidc import self_fetch
 
 DEFAULT_TOKEN_TTL = 3600
 MAX_TOKEN_TTL = 7 * 24 * 3600
@@ -128,14 +136,15 @@ def single_valued(pairs: Iterable[tuple[str, Any]]) -> dict[str, str]:
     sizes are bounded; non-text values (multipart files) are refused."""
     params: dict[str, str] = {}
     for count, (key, value) in enumerate(pairs, start=1):
+        named = outside_text(key, limit=64)  # security: the caller's text, quoted plainly
         if count > MAX_PARAMS:
             raise _sg_error(BadRequest("too many parameters"))
         if not isinstance(value, str):
-            raise _sg_error(BadRequest(f"parameter {key[:64]!r} is not text"))
+            raise _sg_error(BadRequest(f"parameter {named!r} is not text"))
         if len(key) > 64 or len(value) > MAX_VALUE:
-            raise _sg_error(BadRequest(f"parameter {key[:64]!r} is too long"))
+            raise _sg_error(BadRequest(f"parameter {named!r} is too long"))
         if key in params:
-            raise _sg_error(BadRequest(f"parameter {key!r} repeated"))
+            raise _sg_error(BadRequest(f"parameter {named!r} repeated"))
         params[key] = value
     return params
 
@@ -293,6 +302,12 @@ def login_page(params: Mapping[str, str], request: AuthRequest) -> str:
     )
 
 
+def _quiet_if_self_fetch(request: web.Request) -> None:
+    """The sidecar's own periodic discovery/JWKS fetch is no user request: no access-log line."""
+    if self_fetch.is_self_fetch(request):
+        request[keys.QUIET] = True
+
+
 class TestProvider:
     """The test OP's state (signing key, codes, refresh tokens) and its aiohttp handlers."""
 
@@ -388,6 +403,7 @@ class TestProvider:
             raise _sg_error(BadRequest("unreadable form body")) from None
 
     async def _discovery(self, request: web.Request, issuer: str) -> web.Response:
+        _quiet_if_self_fetch(request)
         return web.json_response(
             {
                 "issuer": issuer,
@@ -406,11 +422,13 @@ class TestProvider:
                 ],
                 "code_challenge_methods_supported": ["S256"],
                 "grant_types_supported": ["authorization_code", "refresh_token"],
+                "authorization_response_iss_parameter_supported": True,  # RFC 9207
             },
             headers={"Cache-Control": "max-age=60"},
         )
 
     async def _certs(self, request: web.Request, issuer: str) -> web.Response:
+        _quiet_if_self_fetch(request)
         return web.json_response(self.jwks(), headers={"Cache-Control": "max-age=60"})
 
     async def _authorize(self, request: web.Request, issuer: str) -> web.Response:
@@ -454,6 +472,7 @@ class TestProvider:
             raise _sg_error(error) from None
         if auth.state is not None:
             answer["state"] = auth.state
+        answer["iss"] = issuer  # RFC 9207 2: on success and error answers alike
         location = URL(auth.redirect_uri).update_query(answer)
         return web.Response(status=302, headers={**_NO_STORE, "Location": str(location)})
 

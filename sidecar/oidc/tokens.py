@@ -224,17 +224,14 @@ def check_nonce(claims: Mapping[str, Any], nonce: str) -> None:
         raise TokenError("nonce mismatch", "nonce")
 
 
-def check_claims(
+def check_issuer_audience(
     claims: Mapping[str, Any],
     *,
     issuer: str,
     client_id: str,
-    now: float,
-    leeway: int,
-    nonce: str | None = None,
     trusted_audiences: Collection[str] = (),
 ) -> None:
-    """OIDC Core 3.1.3.7 / 2 and RFC 7519 4.1 checks on an already verified claim set."""
+    """OIDC Core 3.1.3.7 steps 2-3 (and Back-Channel Logout 2.6 step 3)."""
     # Step 2: iss exactly equal (no case folding, no trailing-slash tolerance).
     if claims.get("iss") != issuer:
         raise TokenError("issuer mismatch", "issuer")
@@ -250,12 +247,13 @@ def check_claims(
     if foreign:
         raise TokenError("untrusted audience in aud", "audience")
 
-    # Steps 4-5: azp, when present, must be us.
-    if "azp" in claims and claims["azp"] != client_id:
-        raise TokenError("azp is not client_id", "azp")
 
-    # Step 9 / RFC 7519 4.1.4: exp required, in the future (minus leeway).
-    exp = _numeric(claims, "exp", "expired", required=True)
+def check_times(
+    claims: Mapping[str, Any], *, now: float, leeway: int, exp_required: bool
+) -> float | None:
+    """exp, nbf and iat against the clock (RFC 7519 4.1.4-4.1.6); returns iat."""
+    # OIDC Core 3.1.3.7 step 9 / RFC 7519 4.1.4: exp in the future (minus leeway).
+    exp = _numeric(claims, "exp", "expired", required=exp_required)
     if exp is not None and exp <= now - leeway:
         raise TokenError("token expired", "expired")
 
@@ -268,6 +266,29 @@ def check_claims(
     iat = _numeric(claims, "iat", "iat", required=True)
     if iat is not None and iat > now + leeway:
         raise TokenError("iat in the future", "iat")
+    return iat
+
+
+def check_claims(
+    claims: Mapping[str, Any],
+    *,
+    issuer: str,
+    client_id: str,
+    now: float,
+    leeway: int,
+    nonce: str | None = None,
+    trusted_audiences: Collection[str] = (),
+) -> None:
+    """OIDC Core 3.1.3.7 / 2 and RFC 7519 4.1 checks on an already verified claim set."""
+    check_issuer_audience(
+        claims, issuer=issuer, client_id=client_id, trusted_audiences=trusted_audiences
+    )
+
+    # Steps 4-5: azp, when present, must be us.
+    if "azp" in claims and claims["azp"] != client_id:
+        raise TokenError("azp is not client_id", "azp")
+
+    check_times(claims, now=now, leeway=leeway, exp_required=True)
 
     # OIDC Core 2: sub required, a non-empty string of at most 255 characters.
     sub = claims.get("sub")
@@ -329,6 +350,98 @@ def validate_id_token(
         nonce=nonce,
         trusted_audiences=trusted_audiences,
     )
+
+
+# --- OpenID Connect Back-Channel Logout 1.0 logout tokens -------------------------------------
+
+LOGOUT_EVENT = "http://schemas.openid.net/event/backchannel-logout"
+# Back-Channel Logout 2.4 recommends typ logout+jwt; plain JWT is what several providers send.
+LOGOUT_TYPES = frozenset({"logout+jwt", "jwt"})
+LOGOUT_TOKEN_MAX_AGE = 300  # seconds; an older iat is refused (and jtis are kept longer)
+MAX_JTI_LENGTH = 255
+
+
+def check_logout_header(header: Mapping[str, Any], allowed_algs: Collection[str]) -> None:
+    """The ID-token header rules, except that the type must be a logout token's when given."""
+    typ = header.get("typ")
+    check_header({k: v for k, v in header.items() if k != "typ"}, allowed_algs)
+    if typ is not None:
+        if not isinstance(typ, str):
+            _malformed("typ is not a string")
+        # Security (RFC 8725 3.11): a token typed for another purpose is never a logout token.
+        if typ.lower().removeprefix("application/") not in LOGOUT_TYPES:
+            raise TokenError(f"token type {typ!r} is not a logout token", "typ")
+
+
+def _short_string(claims: Mapping[str, Any], name: str, limit: int) -> str | None:
+    value = claims.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise TokenError(f"{name} is not a non-empty string", name)
+    return value
+
+
+def check_logout_claims(
+    claims: Mapping[str, Any],
+    *,
+    issuer: str,
+    client_id: str,
+    now: float,
+    leeway: int,
+    max_age: int = LOGOUT_TOKEN_MAX_AGE,
+    trusted_audiences: Collection[str] = (),
+) -> None:
+    """Back-Channel Logout 1.0 2.6 steps 3-7 on an already verified claim set."""
+    check_issuer_audience(
+        claims, issuer=issuer, client_id=client_id, trusted_audiences=trusted_audiences
+    )
+    # Step 3 (RFC 7519 4.1.6): iat required, neither in the future nor too old; exp optional.
+    iat = check_times(claims, now=now, leeway=leeway, exp_required=False)
+    if iat is not None and iat < now - max_age - leeway:
+        raise TokenError("logout token too old", "iat")
+    # Step 5: events holds the back-channel logout event, as a JSON object.
+    events = claims.get("events")
+    if not isinstance(events, dict) or not isinstance(events.get(LOGOUT_EVENT), dict):
+        raise TokenError("events claim without the back-channel logout event", "events")
+    # Step 7: a nonce is forbidden (it would make an ID token usable as a logout token).
+    if "nonce" in claims:
+        raise TokenError("logout token carries a nonce", "nonce")
+    # Step 4: sid and/or sub.
+    sub = _short_string(claims, "sub", MAX_SUB_LENGTH)
+    sid = _short_string(claims, "sid", MAX_SUB_LENGTH)
+    if sub is None and sid is None:
+        raise TokenError("neither sid nor sub", "sub")
+    # 2.4: jti is required; replay is refused by the caller, which has the store.
+    if _short_string(claims, "jti", MAX_JTI_LENGTH) is None:
+        raise TokenError("jti missing", "jti")
+
+
+def verify_logout_token(
+    parsed: ParsedToken,
+    *,
+    keys: Iterable[Key],
+    issuer: str,
+    client_id: str,
+    allowed_algs: Collection[str],
+    now: float,
+    leeway: int,
+    max_age: int = LOGOUT_TOKEN_MAX_AGE,
+    trusted_audiences: Collection[str] = (),
+) -> dict[str, Any]:
+    """Back-Channel Logout 2.6: header, key, signature (step 2), then claims."""
+    check_logout_header(parsed.header, allowed_algs)
+    verify_signature(parsed, select_key(keys, parsed.header))
+    check_logout_claims(
+        parsed.claims,
+        issuer=issuer,
+        client_id=client_id,
+        now=now,
+        leeway=leeway,
+        max_age=max_age,
+        trusted_audiences=trusted_audiences,
+    )
+    return parsed.claims
 
 
 def _rsa_bits(data: Mapping[str, Any]) -> int:

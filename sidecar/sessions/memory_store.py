@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from sidecar.config import SESSION_MAX_LIFETIME
 from sidecar.sessions.models import Session, User
 from sidecar.sessions.store import SessionStore, StoreEvent, UserId
 
@@ -24,13 +26,21 @@ class MemoryStore(SessionStore):
     """Everything lives in this process, so events are local and the cache is off by default
     (the dicts are as fast as a cache would be)."""
 
-    def __init__(self, *, local_cache_seconds: float = 0.0, sweep_seconds: float = 60.0) -> None:
-        super().__init__(local_cache_seconds=local_cache_seconds)
+    def __init__(
+        self,
+        *,
+        local_cache_seconds: float = 0.0,
+        sweep_seconds: float = 60.0,
+        max_lifetime: int = SESSION_MAX_LIFETIME,
+    ) -> None:
+        super().__init__(local_cache_seconds=local_cache_seconds, max_lifetime=max_lifetime)
         # Deadlines on the monotonic clock, like Redis PX: a record outlives neither.
         self._sessions: dict[str, tuple[Session, float]] = {}
         self._index: dict[UserId, set[str]] = {}
         self._users: dict[UserId, User] = {}
         self._records: dict[tuple[str, str], tuple[bytes, float]] = {}
+        self._locks: dict[tuple[str, str], tuple[str, float]] = {}  # -> (token, deadline)
+        self._groups: dict[tuple[str, str], tuple[set[str], float]] = {}
         self._sweep_seconds = sweep_seconds
         self._sweeper: asyncio.Task[None] | None = None
         self._set_listening(True)  # no remote writers: nothing can be missed
@@ -63,6 +73,12 @@ class MemoryStore(SessionStore):
         for name, (_, deadline) in list(self._records.items()):
             if deadline <= now:
                 del self._records[name]
+        for lock, (_, deadline) in list(self._locks.items()):
+            if deadline <= now:
+                del self._locks[lock]
+        for group, (_, deadline) in list(self._groups.items()):
+            if deadline <= now:
+                del self._groups[group]
 
     def _drop(self, db: str, name: str, key: str) -> None:
         self._sessions.pop(key, None)
@@ -130,6 +146,44 @@ class MemoryStore(SessionStore):
         record = await self.get_record(kind, key)
         self._records.pop((kind, key), None)
         return record
+
+    async def acquire_lock(self, kind: str, key: str, ttl: float) -> tuple[bool, str]:
+        now = time.monotonic()
+        held = self._locks.get((kind, key))
+        if held is not None and held[1] > now:
+            return False, held[0]
+        token = secrets.token_urlsafe(16)
+        self._locks[(kind, key)] = (token, now + ttl)
+        return True, token
+
+    async def release_lock(self, kind: str, key: str, token: str) -> bool:
+        held = self._locks.get((kind, key))
+        if held is None or held[0] != token:
+            return False
+        del self._locks[(kind, key)]
+        return held[1] > time.monotonic()
+
+    async def _add_to_group(self, kind: str, key: str, member: str, ttl: int) -> None:
+        now = time.monotonic()
+        members, deadline = self._groups.get((kind, key), (set(), now))
+        if deadline <= now:
+            members = set()
+        members.add(member)
+        self._groups[(kind, key)] = (members, max(deadline, now + ttl))  # as Redis's GT expiry
+
+    async def _take_group(self, kind: str, key: str) -> list[str]:
+        entry = self._groups.pop((kind, key), None)
+        if entry is None or entry[1] <= time.monotonic():
+            return []
+        return sorted(entry[0])
+
+    async def _put_record_if_absent(
+        self, kind: str, key: str, value: Mapping[str, Any], ttl: int
+    ) -> bool:
+        if await self.get_record(kind, key) is not None:
+            return False
+        await self.put_record(kind, key, value, ttl)
+        return True
 
     async def _publish(self, event: StoreEvent) -> None:
         """Nobody else to tell: `_emit` already delivered it here."""

@@ -1,5 +1,5 @@
 """Users and sessions as stored (frozen records and their JSON), session ids and the
-extension rule."""
+extension rule (idle TTL, never past the absolute lifetime)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import secrets
 from dataclasses import dataclass, replace
 from typing import Any
 
+from sidecar.config import SESSION_MAX_LIFETIME
 from sidecar.identity import Identity
 
 _SESSION_ID = re.compile(r"[A-Za-z0-9_-]{43}")  # urlsafe base64 of 32 bytes, no padding
@@ -42,9 +43,12 @@ def hash_session_id(session_id: str) -> str:
 
 
 def needs_extension(session: Session, now: float) -> bool:
-    """Sync Gateway's rule: extend back to the full ttl once more than 10% of it has elapsed
-    since the last extension (the last extension happened at `expires - ttl`)."""
-    return now - (session.expires - session.ttl) > session.ttl / 10
+    """Sync Gateway's rule: extend back to the full ttl once that moves the expiry forward by
+    more than 10% of it (i.e. more than 10% elapsed since the last extension), but never past
+    `max_expires`; the last step up to `max_expires` is taken whatever its size, once."""
+    target = session.extension_target(now)
+    gain = target - session.expires
+    return gain > session.ttl / 10 or (gain > 0 and target == session.max_expires)
 
 
 def _strings(value: Any, what: str) -> tuple[str, ...]:
@@ -135,7 +139,12 @@ class User:
 
 @dataclass(frozen=True, slots=True)
 class Session:
-    """A live session. `key` is hash_session_id(id); roles/channels snapshot the user's."""
+    """A live session. `key` is hash_session_id(id); roles/channels snapshot the user's.
+
+    `max_expires` is the absolute end (created + session.max_lifetime): no extension goes past
+    it. `renewed` is when the expiry was last set (creation or extension). Both may be None
+    only in records built by hand: no absolute end, and `expires - ttl`.
+    """
 
     key: str
     db: str
@@ -147,11 +156,21 @@ class Session:
     created: float
     expires: float
     ttl: int
+    max_expires: float | None = None
+    renewed: float | None = None
 
     @classmethod
     def for_user(
-        cls, user: User, *, key: str, ttl: int, provider: str | None, now: float
+        cls,
+        user: User,
+        *,
+        key: str,
+        ttl: int,
+        provider: str | None,
+        now: float,
+        max_lifetime: int = SESSION_MAX_LIFETIME,
     ) -> Session:
+        max_expires = now + max_lifetime
         return cls(
             key=key,
             db=user.db,
@@ -161,16 +180,27 @@ class Session:
             channels=user.channels,
             provider=provider,
             created=now,
-            expires=now + ttl,
+            expires=min(now + ttl, max_expires),  # an admin ttl above max_lifetime is cut
             ttl=ttl,
+            max_expires=max_expires,
+            renewed=now,
         )
+
+    @property
+    def last_renewed(self) -> float:
+        return self.expires - self.ttl if self.renewed is None else self.renewed
+
+    def extension_target(self, now: float) -> float:
+        """The expiry an extension at `now` would set: a full ttl, cut at `max_expires`."""
+        target = now + self.ttl
+        return target if self.max_expires is None else min(target, self.max_expires)
 
     def with_user(self, user: User) -> Session:
         """This session with its identity snapshot refreshed from `user`."""
         return replace(self, email=user.email, roles=user.roles, channels=user.channels)
 
     def extended(self, now: float) -> Session:
-        return replace(self, expires=now + self.ttl)
+        return replace(self, expires=self.extension_target(now), renewed=now)
 
     def to_identity(self, session_id: str) -> Identity:
         return Identity(
@@ -196,6 +226,8 @@ class Session:
                 "created": self.created,
                 "expires": self.expires,
                 "ttl": self.ttl,
+                "max_expires": self.max_expires,
+                "renewed": self.renewed,
             },
             separators=(",", ":"),
         ).encode()
@@ -209,6 +241,10 @@ class Session:
         ttl = data.get("ttl")
         if isinstance(ttl, bool) or not isinstance(ttl, int) or ttl <= 0:
             raise ValueError("ttl must be a positive integer")
+        created = _number(data.get("created"), "created")
+        # Records written before max_lifetime existed get the default absolute end.
+        max_expires = data.get("max_expires", created + SESSION_MAX_LIFETIME)
+        renewed = data.get("renewed")
         return cls(
             key=key,
             db=_str(data.get("db"), "db"),
@@ -217,7 +253,9 @@ class Session:
             roles=_strings(data.get("roles", []), "roles"),
             channels=_strings(data.get("channels", []), "channels"),
             provider=_optional_str(data.get("provider"), "provider"),
-            created=_number(data.get("created"), "created"),
+            created=created,
             expires=_number(data.get("expires"), "expires"),
             ttl=ttl,
+            max_expires=None if max_expires is None else _number(max_expires, "max_expires"),
+            renewed=None if renewed is None else _number(renewed, "renewed"),
         )

@@ -22,6 +22,7 @@ from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError, WatchError
 
+from sidecar.config import SESSION_MAX_LIFETIME
 from sidecar.sessions.models import Session, User
 from sidecar.sessions.store import SessionStore, StoreEvent, StoreUnavailable
 
@@ -31,6 +32,11 @@ _FAILURES = (RedisError, RedisClusterException, OSError)
 _WATCH_ATTEMPTS = 5
 _NO_RETRY = Retry(NoBackoff(), 0)
 _BACKOFF_MIN, _BACKOFF_MAX = 0.1, 2.0  # pub/sub reconnection, seconds
+_RELEASE_LOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_GROUP_BATCH = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,8 +160,13 @@ class RedisStore(SessionStore):
         timeout: float = 2.0,
         cache_entries: int = 100_000,
         ping_seconds: float = 0.5,
+        max_lifetime: int = SESSION_MAX_LIFETIME,
     ) -> None:
-        super().__init__(local_cache_seconds=local_cache_seconds, cache_entries=cache_entries)
+        super().__init__(
+            local_cache_seconds=local_cache_seconds,
+            cache_entries=cache_entries,
+            max_lifetime=max_lifetime,
+        )
         self._client = redis_client(url, timeout=timeout)
         self._redis = self._client.redis
         # Cluster cannot MULTI across slots; sessions are spread over slots by design.
@@ -452,6 +463,60 @@ class RedisStore(SessionStore):
         with self._unavailable():
             raw = await self._redis.getdel(self._record_key(kind, key))  # atomic: single use
         return None if raw is None else _record(raw)
+
+    def _lock_key(self, kind: str, key: str) -> str:
+        return f"{self._prefix}l:{kind}:{key}"
+
+    async def acquire_lock(self, kind: str, key: str, ttl: float) -> tuple[bool, str]:
+        token = secrets.token_urlsafe(16)
+        ms = max(1, round(ttl * 1000))
+        with self._unavailable():
+            # SET NX GET (Redis >= 7.0), atomic: sets it and answers nil, or names the holder.
+            holder = await self._redis.set(
+                self._lock_key(kind, key), token, nx=True, px=ms, get=True
+            )
+        if holder is None:
+            return True, token
+        if not isinstance(holder, bytes | str):
+            raise StoreUnavailable()
+        return False, _text(holder)
+
+    async def release_lock(self, kind: str, key: str, token: str) -> bool:
+        with self._unavailable():
+            # Compare and delete in one step: a lock that expired and was taken by another
+            # caller meanwhile is theirs now.
+            released = await self._redis.eval(_RELEASE_LOCK, 1, self._lock_key(kind, key), token)
+        return bool(released)
+
+    def _group_key(self, kind: str, key: str) -> str:
+        return f"{self._prefix}g:{kind}:{key}"
+
+    async def _add_to_group(self, kind: str, key: str, member: str, ttl: int) -> None:
+        name = self._group_key(kind, key)
+        with self._unavailable():
+            async with self._redis.pipeline(transaction=self._atomic) as pipe:
+                pipe.sadd(name, member)
+                self._cover(pipe, name, max(1, ttl) * 1000)
+                await pipe.execute()
+
+    async def _take_group(self, kind: str, key: str) -> list[str]:
+        name = self._group_key(kind, key)
+        members: list[str] = []
+        with self._unavailable():
+            while True:
+                # SPOP with a count is one atomic command: a member goes to one taker only.
+                popped = await self._redis.spop(name, _GROUP_BATCH)
+                members += (_text(m) for m in popped or () if isinstance(m, bytes | str))
+                if not popped or len(popped) < _GROUP_BATCH:
+                    break
+        return sorted(members)
+
+    async def _put_record_if_absent(
+        self, kind: str, key: str, value: Mapping[str, Any], ttl: int
+    ) -> bool:
+        data = json.dumps(dict(value), separators=(",", ":"))
+        with self._unavailable():
+            return bool(await self._redis.set(self._record_key(kind, key), data, ex=ttl, nx=True))
 
     async def _publish(self, event: StoreEvent) -> None:
         payload = {

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from sidecar.config import SESSION_MAX_LIFETIME
 from sidecar.errors import ServiceUnavailable, Unauthorized
 from sidecar.sessions.models import (
     Session,
@@ -156,8 +157,15 @@ class SessionStore(ABC):
     invalidation feed comes and goes; everything else lives here.
     """
 
-    def __init__(self, *, local_cache_seconds: float, cache_entries: int = 100_000) -> None:
+    def __init__(
+        self,
+        *,
+        local_cache_seconds: float,
+        cache_entries: int = 100_000,
+        max_lifetime: int = SESSION_MAX_LIFETIME,
+    ) -> None:
         self._cache = LocalCache(local_cache_seconds, cache_entries)
+        self.max_lifetime = max_lifetime  # session.max_lifetime for the sessions it creates
         self._listeners: list[Listener] = []
         # Bumped on every invalidation: a read that started before one must not fill the cache.
         self._epoch = 0
@@ -181,10 +189,17 @@ class SessionStore(ABC):
     async def create_session(
         self, user: User, *, ttl: int, provider: str | None, now: float
     ) -> tuple[str, Session]:
-        """A new session for a stored, enabled user: (the id for the cookie, the record)."""
+        """A new session for a stored, enabled user: (the id for the cookie, the record).
+
+        It ends at the latest `max_lifetime` after `now`, however often it is extended."""
         session_id = new_session_id()
         session = Session.for_user(
-            user, key=hash_session_id(session_id), ttl=ttl, provider=provider, now=now
+            user,
+            key=hash_session_id(session_id),
+            ttl=ttl,
+            provider=provider,
+            now=now,
+            max_lifetime=self.max_lifetime,
         )
         await self._insert_session(session, now)
         # Security: re-read the user only after the session is indexed. put_user/delete_user
@@ -312,6 +327,56 @@ class SessionStore(ABC):
     async def take_record(self, kind: str, key: str) -> dict[str, Any] | None:
         """Get and delete atomically: a record taken on one replica is gone for all."""
 
+    # -- short locks (one replica does a piece of work, the others wait for its outcome) -----
+
+    @abstractmethod
+    async def acquire_lock(self, kind: str, key: str, ttl: float) -> tuple[bool, str]:
+        """Take the lock (kind, key) for `ttl` seconds unless it is held, on every replica:
+        (True, our token) or (False, the holder's token). `key` should be a digest, as for
+        records. The lock ends by itself after `ttl`, so a crashed holder blocks nobody long."""
+
+    @abstractmethod
+    async def release_lock(self, kind: str, key: str, token: str) -> bool:
+        """Release the lock if `token` still holds it (never one that expired and was taken
+        again by someone else); True when it did."""
+
+    # -- provider sessions (OIDC Back-Channel Logout 1.0) -------------------------------------
+
+    async def link_sessions(self, kind: str, key: str, session_key: str, ttl: int) -> None:
+        """Remember that `session_key` belongs to the group (kind, key) for `ttl` seconds, e.g.
+        the provider's `sid` ("sid", digest) it was created under; the group lives as long as
+        its longest-lived member. `key` should be a digest, as for records."""
+        await self._add_to_group(kind, key, session_key, ttl)
+
+    async def end_linked_sessions(self, db: str, kind: str, key: str) -> list[Session]:
+        """Delete every live session of the group (kind, key) in `db` on every replica, with a
+        revocation event each (which closes their websockets); returns the sessions ended."""
+        ended: list[Session] = []
+        for session_key in await self._take_group(kind, key):
+            session = await self._load_session(session_key)
+            if session is not None and await self.delete_session_by_key(db, session_key):
+                ended.append(session)
+        return ended
+
+    async def add_record_once(
+        self, kind: str, key: str, value: Mapping[str, Any], ttl: int
+    ) -> bool:
+        """Store the record unless (kind, key) already holds one; True when stored. Atomic on
+        every replica: for single-use values (a logout token's jti)."""
+        return await self._put_record_if_absent(kind, key, value, ttl)
+
+    @abstractmethod
+    async def _add_to_group(self, kind: str, key: str, member: str, ttl: int) -> None: ...
+
+    @abstractmethod
+    async def _take_group(self, kind: str, key: str) -> list[str]:
+        """The group's members, removing the group (atomically: one taker wins)."""
+
+    @abstractmethod
+    async def _put_record_if_absent(
+        self, kind: str, key: str, value: Mapping[str, Any], ttl: int
+    ) -> bool: ...
+
     # -- events -----------------------------------------------------------------------------
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
@@ -423,14 +488,20 @@ class SessionStore(ABC):
 
 
 def create_store(
-    url: str | None, *, local_cache_seconds: float, prefix: str = "sidecar:"
+    url: str | None,
+    *,
+    local_cache_seconds: float,
+    prefix: str = "sidecar:",
+    max_lifetime: int = SESSION_MAX_LIFETIME,
 ) -> SessionStore:
     """The store for `session_store` from the config: Redis for a URL, else in-process
     (whose dicts need no cache in front of them, so `local_cache_seconds` is Redis's only)."""
     if url is None:
         from sidecar.sessions.memory_store import MemoryStore
 
-        return MemoryStore()
+        return MemoryStore(max_lifetime=max_lifetime)
     from sidecar.sessions.redis_store import RedisStore
 
-    return RedisStore(url, local_cache_seconds=local_cache_seconds, prefix=prefix)
+    return RedisStore(
+        url, local_cache_seconds=local_cache_seconds, prefix=prefix, max_lifetime=max_lifetime
+    )

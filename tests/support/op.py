@@ -45,6 +45,10 @@ class OPClient:
     token_endpoint_auth_method: str = "client_secret_basic"
     id_token_signed_response_alg: str = "RS256"
     grant_types: tuple[str, ...] = ("authorization_code", "refresh_token")
+    # Logout (RP-Initiated and Back-Channel Logout 1.0), registered only when given.
+    post_logout_redirect_uris: tuple[str, ...] = ()
+    backchannel_logout_uri: str | None = None
+    backchannel_logout_session_required: bool = True
 
     @property
     def redirect_uri(self) -> str:
@@ -59,6 +63,19 @@ class OPClient:
             "response_types": ["code"],
             "token_endpoint_auth_method": self.token_endpoint_auth_method,
             "id_token_signed_response_alg": self.id_token_signed_response_alg,
+            **(
+                {"post_logout_redirect_uris": list(uris)}
+                if (uris := self.post_logout_redirect_uris)
+                else {}
+            ),
+            **(
+                {
+                    "backchannel_logout_uri": self.backchannel_logout_uri,
+                    "backchannel_logout_session_required": self.backchannel_logout_session_required,
+                }
+                if self.backchannel_logout_uri
+                else {}
+            ),
         }
 
 
@@ -185,6 +202,16 @@ class OpenIDProvider:
                 response.read()
         except urllib.error.HTTPError as error:
             raise OPError(f"client registration failed: {error.code} {error.read()!r}") from None
+
+    def grant_counts(self, client_id: str) -> dict[str, dict[str, int]]:
+        """Token requests the client made: {grant_type: {"success": n, "error": n}}."""
+        request = urllib.request.Request(
+            f"{self.issuer}/_test/grants?client_id={quote(client_id, safe='')}",
+            headers={"Authorization": f"Bearer {self._registration_token}"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            counts: dict[str, dict[str, int]] = json.load(response)
+        return counts
 
     def _read_port(self, deadline: float) -> int:
         process = self._process
@@ -351,6 +378,36 @@ async def browser_login(
         data = _fill(form, username, password)
         url, method = url.join(URL(form.action)) if form.action else url, form.method.upper()
     raise OPError(f"no redirect to the client after {max_steps} steps (last: {url})")
+
+
+async def browser_logout(
+    session: aiohttp.ClientSession, end_session_url: str | URL, *, max_steps: int = 5
+) -> URL:
+    """Walks the provider's RP-Initiated Logout: its confirmation page ("Yes, sign me out",
+    logout=yes, which also sends back-channel logout tokens), then its redirect. Returns the
+    URL it redirects to (the post_logout_redirect_uri with state), WITHOUT requesting it."""
+    url, method, data = URL(end_session_url), "GET", None
+    for _ in range(max_steps):
+        async with session.request(method, url, data=data, allow_redirects=False) as response:
+            body = await response.text()
+            status, location = response.status, response.headers.get("Location")
+        if status in REDIRECT_STATUSES and location:
+            target = url.join(URL(location))
+            if target.host == url.host and target.port == url.port:
+                url, method, data = target, "GET", None  # still at the provider
+                continue
+            return target
+        if status != 200:
+            raise OPError(f"{method} {url} answered {status}: {body[:2000]}")
+        page = _PageParser()
+        page.feed(body)
+        if not page.forms or method == "POST":
+            raise OPError(f"no logout form at {url}: {body[:2000]}")
+        form = page.forms[0]  # op.logoutForm; its submit button sits outside the form
+        data = {name: value for kind, name, value in form.inputs if kind == "hidden"}
+        data["logout"] = "yes"
+        url, method = url.join(URL(form.action)), "POST"
+    raise OPError(f"no redirect away from the provider after {max_steps} steps (last: {url})")
 
 
 # --- a whole code flow -------------------------------------------------------------------------

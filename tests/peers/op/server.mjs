@@ -7,6 +7,8 @@
 //
 // Config JSON (every key optional):
 //   clients: [{client_id, client_secret, redirect_uris, grant_types?, response_types?,
+//              post_logout_redirect_uris?, backchannel_logout_uri?,
+//              backchannel_logout_session_required?,
 //              token_endpoint_auth_method? ("client_secret_basic" | "client_secret_post" | "none"),
 //              id_token_signed_response_alg? ("RS256" | "PS256" | "ES256" | "EdDSA" | "Ed25519")}]
 //            grant_types default to [authorization_code, refresh_token], response_types to [code].
@@ -19,6 +21,9 @@
 //            for callers presenting it as a Bearer token, and it honours the client_id and
 //            client_secret in the request body, so a test can add a client whose redirect_uri is
 //            only known once its sidecar is listening.
+//            With it, GET /_test/grants?client_id=ID (same Bearer token) answers how many token
+//            requests that client made, by grant type and outcome:
+//            {"refresh_token": {"success": 1, "error": 0}, ...}, so tests count provider calls.
 //
 // Behaviour worth knowing:
 //   - Any username logs in (the password is not checked): sub = username.
@@ -153,7 +158,15 @@ function providerConfiguration(config) {
       revocation: { enabled: true },
       introspection: { enabled: true },
       registration: registrationFeature(config.registration_token),
+      // OpenID Connect RP-Initiated Logout 1.0 (GET/POST /session/end, a confirmation form)
+      // and Back-Channel Logout 1.0 (a logout token POSTed to each client's
+      // backchannel_logout_uri, with `sid` when backchannel_logout_session_required).
+      rpInitiatedLogout: { enabled: true },
+      backchannelLogout: { enabled: true },
     },
+    // The library's outgoing requests (back-channel logout tokens) refuse loopback addresses
+    // (SSRF protection); every RP of this test OP is on 127.0.0.1, so drop that dispatcher.
+    fetch: (url, { dispatcher: _ssrfGuard, ...options }) => globalThis.fetch(url, options),
     pkce: { required: (_ctx, client) => client.clientAuthMethod === 'none' },
     issueRefreshToken: async (_ctx, client) => client.grantTypeAllowed('refresh_token'),
     expiresWithSession: async () => false,
@@ -189,6 +202,29 @@ function exitWhenOrphaned(server) {
   }
 }
 
+// client_id -> grant_type -> {success, error}: every token endpoint request, counted.
+function countGrants(provider) {
+  const grants = {};
+  const count = (ctx, outcome) => {
+    const client = ctx.oidc?.client?.clientId ?? '-';
+    const type = ctx.oidc?.params?.grant_type ?? '-';
+    grants[client] ??= {};
+    grants[client][type] ??= { success: 0, error: 0 };
+    grants[client][type][outcome] += 1;
+  };
+  provider.on('grant.success', (ctx) => count(ctx, 'success'));
+  provider.on('grant.error', (ctx) => count(ctx, 'error'));
+  return grants;
+}
+
+function answerGrants(req, res, grants, token) {
+  const url = new URL(req.url, 'http://127.0.0.1');
+  const authorized = req.headers.authorization === `Bearer ${token}`;
+  res.statusCode = authorized ? 200 : 401;
+  res.setHeader('Content-Type', 'application/json');
+  res.end(JSON.stringify(authorized ? grants[url.searchParams.get('client_id')] ?? {} : {}));
+}
+
 async function main() {
   const { port, config } = readOptions();
   let handler = (_req, res) => {
@@ -205,7 +241,18 @@ async function main() {
   const actualPort = server.address().port;
   const issuer = `http://127.0.0.1:${actualPort}`;
   const provider = new Provider(issuer, providerConfiguration(config));
-  handler = provider.callback();
+  // A refused logout token is otherwise silent: say why on stderr (the harness keeps it).
+  provider.on('backchannel.error', (_ctx, error, client) => {
+    console.error(`backchannel logout to ${client.clientId} failed: ${error.message}`);
+  });
+  const grants = countGrants(provider);
+  const callback = provider.callback();
+  handler = (req, res) => {
+    if (config.registration_token && req.url.startsWith('/_test/grants?')) {
+      return answerGrants(req, res, grants, String(config.registration_token));
+    }
+    return callback(req, res);
+  };
   process.stdout.write(`${JSON.stringify({ issuer, port: actualPort })}\n`);
 }
 

@@ -1,0 +1,93 @@
+"""Cross-site use of a cookie session (the Origin policy), and how the client reached us.
+
+A browser sends `Origin` with websocket handshakes and with script-made POST/DELETE requests;
+a page of another site must not use a visitor's cookie session that way (cross-site websocket
+hijacking, login/logout CSRF). Bearer tokens are not sent by browsers on their own: unaffected.
+"""
+
+from __future__ import annotations
+
+import re
+from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from sidecar import keys
+from sidecar.databases import Database
+from sidecar.headers import ClientView, client_view
+
+# RFC 6454 7 (serialized origin): scheme "://" host [ ":" port ] — no userinfo, path, query.
+_ORIGIN = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://"
+    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+)"
+    r"(?::(?P<port>[0-9]{1,5}))?"
+)
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+Origin = tuple[str, str, int | None]  # scheme, host (lowercase), port (default filled in)
+
+
+def parse_origin(text: str) -> Origin | None:
+    """`text` as an origin, normalized (scheme and host lowercased, default port explicit), or
+    None when it is not exactly one serialized origin (`null`, a path, userinfo, spaces...)."""
+    match = _ORIGIN.fullmatch(text)
+    if match is None:
+        return None
+    scheme = match["scheme"].lower()
+    port = int(match["port"]) if match["port"] else _DEFAULT_PORTS.get(scheme)
+    if port is not None and port > 65535:
+        return None
+    return scheme, match["host"].lower(), port
+
+
+def request_view(request: web.Request) -> ClientView:
+    """How the client reached us (TLS? which Host?), believing trusted proxies only."""
+    return client_view(
+        request.headers,
+        request.forwarded if "Forwarded" in request.headers else (),
+        https=request.scheme == "https",
+        # The Host header itself: aiohttp's request.host would resolve our own name (a
+        # blocking DNS lookup) for a request without one.
+        host=request.headers.get("Host"),
+        peer=request.remote,
+        trusted_networks=request.app[keys.TRUSTED_NETWORKS],
+    )
+
+
+def own_origins(request: web.Request) -> set[Origin]:
+    """The sidecar's origin as this client sees it, and `public_url`'s when configured."""
+    view = request_view(request)
+    origins = set()
+    if view.host:
+        own = parse_origin(f"{'https' if view.https else 'http'}://{view.host}")
+        if own is not None:
+            origins.add(own)
+    public_url = request.app[keys.SETTINGS].public_url
+    if public_url:
+        parts = urlsplit(public_url)
+        public = parse_origin(f"{parts.scheme}://{parts.netloc}")
+        if public is not None:
+            origins.add(public)
+    return origins
+
+
+def cross_site_cookie_use(request: web.Request, db: Database, *, by_cookie: bool) -> bool:
+    """The Origin policy, decided here only: True (refuse) when a request that a session
+    cookie authenticates carries an `Origin` that is neither the sidecar's own nor listed in
+    `databases.<db>.cors.origin`.
+
+    No Origin: not a browser's cross-site request (native and command-line clients), allowed.
+    Security: `null` (sandboxed pages, file: URLs), several Origin headers, or anything not
+    a plain serialized origin is refused.
+    """
+    if not by_cookie:
+        return False
+    values = request.headers.getall("Origin", ())
+    if not values:
+        return False
+    origin = parse_origin(values[0]) if len(values) == 1 else None
+    if origin is None:
+        return True
+    if origin in own_origins(request):
+        return False
+    return origin not in {parse_origin(allowed) for allowed in db.config.cors.origin}
