@@ -232,12 +232,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:  # bare `sidecar`: a usage error, answered with the help
         parser.print_help()
         return 2
-    if args.command == "run":
-        if args.workers < 1:
-            parser.error("--workers must be at least 1")
-        if args.restart_limit < 1 or args.restart_window <= 0:
-            parser.error("--restart-limit must be at least 1 and --restart-window positive")
-
     settings = _load(args.config)
     if settings is None:
         return 2
@@ -256,6 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "THE BUILT-IN TEST PROVIDER IS ENABLED: anyone can log in as anyone. "
             "Never run this configuration in production."
         )
+    if args.workers < 1:  # after the start-up warnings (a test runs up to them this way)
+        parser.error("--workers must be at least 1")
+    if args.restart_limit < 1 or args.restart_window <= 0:
+        parser.error("--restart-limit must be at least 1 and --restart-window positive")
     if args.workers > 1:
         return _run_workers(args, settings)
     try:
