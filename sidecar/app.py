@@ -192,9 +192,7 @@ def create_admin_app(public: web.Application) -> web.Application:
 
 
 async def metrics_handler(request: web.Request) -> web.Response:
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    from prometheus_client import CONTENT_TYPE_LATEST
 
-    registry = request.app[keys.PUBLIC_APP][keys.METRICS].registry
-    return web.Response(
-        body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
+    body = request.app[keys.PUBLIC_APP][keys.METRICS].exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -24,7 +24,7 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
-from pydantic_core import core_schema
+from pydantic_core import ErrorDetails, core_schema
 
 from sidecar.browser import parse_origin
 
@@ -158,9 +158,12 @@ class ProviderConfig(Model):
     @field_validator("scope", mode="before")
     @classmethod
     def _scope(cls, value: Any) -> Any:
+        # Sync Gateway takes a list; a space-separated string (OAuth's own form) is accepted too.
         if isinstance(value, str):
             return tuple(value.split())
-        return value
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ValueError("must be a list of strings or a space-separated string")
 
     @field_validator("allow_unsigned_provider_tokens")
     @classmethod
@@ -352,11 +355,16 @@ class AdminAuthConfig(Model):
         return value
 
 
-def _listen(value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError("must be host:port or :port")
-    return value
+def _listen(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("must be host:port or :port, as a string (e.g. '127.0.0.1:4984')")
+    text = value.strip()
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError("must be host:port or :port (e.g. '127.0.0.1:4984' or ':4984')")
+    if not 0 < int(port) < 65536:
+        raise ValueError("port must be between 1 and 65535")
+    return text
 
 
 class Settings(Model):
@@ -387,9 +395,9 @@ class Settings(Model):
     # (sidecar/upstream_h1.py). WebSockets always go through aiohttp's client.
     upstream_transport: Literal["aiohttp", "h1"] = "h1"
 
-    @field_validator("interface", "admin_interface")
+    @field_validator("interface", "admin_interface", mode="before")
     @classmethod
-    def _listen(cls, value: str) -> str:
+    def _listen(cls, value: Any) -> str:
         return _listen(value)
 
     @field_validator("upstream", "public_url")
@@ -449,16 +457,62 @@ def _path(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
 
+_PLAIN = {
+    "missing": "required",
+    "extra_forbidden": "unknown key",
+    "string_type": "must be a string",
+    "string_unicode": "must be a string",
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "finite_number": "must be a finite number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "dict_type": "must be a mapping",
+    "model_type": "must be a mapping",
+    "model_attributes_type": "must be a mapping",
+    "list_type": "must be a list",
+    "tuple_type": "must be a list",
+    "none_required": "must be empty",
+}
+_BOUNDS = {  # error type -> (words, the bound's name in the error's context)
+    "greater_than_equal": ("must be at least", "ge"),
+    "greater_than": ("must be greater than", "gt"),
+    "less_than_equal": ("must be at most", "le"),
+    "less_than": ("must be less than", "lt"),
+}
+
+
+def _plain(err: ErrorDetails) -> str:
+    """pydantic's error in plain words: its own wording ("Input should be a valid ...",
+    "Value error, ...") never reaches the user. Every error type our models can raise is here;
+    anything else says what was expected without pydantic's phrasing."""
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind in ("value_error", "assertion_error"):
+        return str(ctx.get("error", "is not valid"))
+    unit = "characters" if kind.startswith("string_") else "entries"
+    if kind in ("too_short", "string_too_short"):
+        least = ctx.get("min_length", 1)
+        return "must not be empty" if least == 1 else f"must have at least {least} {unit}"
+    if kind in ("too_long", "string_too_long"):
+        return f"must have at most {ctx.get('max_length')} {unit}"
+    if kind == "literal_error":
+        return f"must be {ctx.get('expected')}"
+    if kind in _BOUNDS:
+        words, bound = _BOUNDS[kind]
+        return f"{words} {ctx.get(bound)}"
+    return _PLAIN.get(kind, "is not valid here")
+
+
 def _messages(exc: ValidationError) -> list[str]:
     problems = []
     for err in exc.errors():
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif err["type"] == "missing":
-            msg = "required"
-        msg = msg.removeprefix("Value error, ")
+        msg = _plain(err)
+        if loc and loc[-1] == "[key]":  # a mapping's key, e.g. a database name given as 1
+            loc, msg = loc[:-1], f"name {msg}"
         problems.append(f"{_path(loc)}: {msg}")
     return problems
 

@@ -7,6 +7,7 @@ import bisect
 import io
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -14,7 +15,15 @@ from collections.abc import Iterator
 from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Metric,
+    generate_latest,
+    multiprocess,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -202,6 +211,13 @@ def setup_logging(fmt: str = "json", level: str = "info") -> None:
     logging.getLogger("aiohttp.server").addFilter(_MALFORMED_REQUESTS)
 
 
+_REQUESTS = ("sidecar_requests", "Requests handled, by database, outcome and status")
+_DURATION = (
+    "sidecar_request_duration_seconds",
+    "Time to answer a request (proxied: to the upstream's response headers)",
+)
+
+
 class RequestStats(Collector):
     """Per-request counters kept as plain ints and turned into Prometheus families at scrape
     time: prometheus_client's locked Counter and Histogram cost ~10 µs on every request.
@@ -223,19 +239,11 @@ class RequestStats(Collector):
         self._sums[outcome] += seconds
 
     def collect(self) -> Iterator[Metric]:
-        requests = CounterMetricFamily(
-            "sidecar_requests",
-            "Requests handled, by database, outcome and status",
-            labels=["db", "outcome", "status"],
-        )
+        requests = CounterMetricFamily(*_REQUESTS, labels=["db", "outcome", "status"])
         for (db, outcome, status), count in list(self._counts.items()):
             requests.add_metric([db, outcome, str(status)], count)
         yield requests
-        seconds = HistogramMetricFamily(
-            "sidecar_request_duration_seconds",
-            "Time to answer a request (proxied: to the upstream's response headers)",
-            labels=["outcome"],
-        )
+        seconds = HistogramMetricFamily(*_DURATION, labels=["outcome"])
         for outcome, counts in list(self._buckets.items()):
             cumulative, total = [], 0
             for bound, count in zip((*_LATENCY_BUCKETS, float("inf")), counts, strict=True):
@@ -245,14 +253,54 @@ class RequestStats(Collector):
         yield seconds
 
 
+class SharedRequestStats:
+    """RequestStats for a worker of `--workers N`: the same families in prometheus_client's
+    multiprocess files, which every worker's /_metrics adds up. The labelled children are
+    kept, so a request costs a dict lookup and two file-backed increments."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._requests = Counter(*_REQUESTS, ["db", "outcome", "status"], registry=registry)
+        self._seconds = Histogram(
+            *_DURATION, ["outcome"], buckets=_LATENCY_BUCKETS, registry=registry
+        )
+        self._counts: dict[tuple[str, str, int], Counter] = {}
+        self._durations: dict[str, Histogram] = {}
+
+    def record(self, db: str, outcome: str, status: int, seconds: float) -> None:
+        key = (db, outcome, status)
+        count = self._counts.get(key)
+        if count is None:
+            count = self._counts[key] = self._requests.labels(db, outcome, str(status))
+        count.inc()
+        duration = self._durations.get(outcome)
+        if duration is None:
+            duration = self._durations[outcome] = self._seconds.labels(outcome)
+        duration.observe(seconds)
+
+
+def multiprocess_dir() -> str | None:
+    """Where the workers of `--workers N` share their metrics (set by the supervisor)."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
 class Metrics:
-    """The sidecar's Prometheus metrics, in a registry of its own (tests create many apps)."""
+    """The sidecar's Prometheus metrics, in a registry of its own (tests create many apps).
+
+    In a worker of `--workers N` (PROMETHEUS_MULTIPROC_DIR set by the supervisor, so
+    prometheus_client keeps every value in a per-process file there) the exposition adds up
+    every worker's files: /_metrics on any worker shows the whole set. A gauge added here
+    needs a `multiprocess_mode` saying how workers' values combine."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.request_stats = RequestStats()
-        r.register(self.request_stats)
+        self.shared_dir = multiprocess_dir()
+        self.request_stats: RequestStats | SharedRequestStats
+        if self.shared_dir:
+            self.request_stats = SharedRequestStats(r)
+        else:
+            self.request_stats = RequestStats()
+            r.register(self.request_stats)
         self.provider_seconds = Histogram(
             "sidecar_provider_request_duration_seconds",
             "Calls to OpenID Providers, by provider and kind",
@@ -281,10 +329,23 @@ class Metrics:
         self.store_errors = Counter(
             "sidecar_session_store_errors_total", "Session store operations that failed", registry=r
         )
-        self.websockets = Gauge("sidecar_open_websockets", "Websockets being relayed", registry=r)
+        self.websockets = Gauge(
+            "sidecar_open_websockets",
+            "Websockets being relayed",
+            registry=r,
+            multiprocess_mode="livesum",  # the live workers' sum; a dead worker's are gone
+        )
         self.sessions_created = Counter(
             "sidecar_sessions_created_total", "Sessions created, by how", ["via"], registry=r
         )
+
+    def exposition(self) -> bytes:
+        """The text format for /_metrics: this process's registry, or the whole set's files."""
+        if not self.shared_dir:
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=self.shared_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
 
     def provider_fetch(self, provider: str, kind: str, result: str, seconds: float) -> None:
         self.provider_seconds.labels(provider, kind).observe(seconds)

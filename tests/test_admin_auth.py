@@ -92,7 +92,7 @@ ADMIN_AUTH_REFUSALS: dict[str, tuple[Any, list[str]]] = {
     ),
     "a path that is not a probe": (
         {"bearer_token": TOKEN, "open_paths": ["/db/_user/x"]},
-        ["admin_auth.open_paths.0: Input should be '/_metrics', '/_health' or '/_ready'"],
+        ["admin_auth.open_paths.0: must be '/_metrics', '/_health' or '/_ready'"],
     ),
     "unknown key": ({"bearer_token": TOKEN, "tokens": []}, ["admin_auth.tokens: unknown key"]),
 }

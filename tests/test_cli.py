@@ -4,10 +4,9 @@ path, exit 2), and `sidecar run` as a real process: serving, draining on SIGTERM
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from conftest import admin_session, raw_http
 from support.redis_server import RedisServer, free_port
 from support.sidecar import ROOT, Upstream, base_config, serving, sidecar_process
 
+from sidecar import __version__
 from sidecar.cli import main, split_listen
 
 COOKIE = "SyncGatewaySession"
@@ -130,7 +130,11 @@ BROKEN: list[tuple[str, str, list[str]]] = [
         GOOD + "admin_interface: '4985'\n",
         ["admin_interface: must be host:port or :port"],
     ),
-    ("port-out-of-range", GOOD.replace("4984", "65536"), ["interface: must be host:port or :port"]),
+    (
+        "port-out-of-range",
+        GOOD.replace("4984", "65536"),
+        ["interface: port must be between 1 and 65535"],
+    ),
     (
         "session-store-not-redis",
         GOOD + "session_store: http://r\n",
@@ -402,95 +406,67 @@ async def test_malformed_requests_never_log_their_bytes(upstream: Upstream) -> N
     assert upstream.requests == []
 
 
-def children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()]
-
-
-def listening(pid: int, port: int) -> bool:
-    """Does process `pid` hold a socket listening on 127.0.0.1:`port`? (/proc, Linux)"""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        with contextlib.suppress(OSError):
-            target = os.readlink(fd)
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        local, state, inode = fields[1], fields[3], fields[9]
-        if state == "0A" and local == f"0100007F:{port:04X}" and inode in inodes:
-            return True
-    return False
-
-
-async def all_listening(pids: list[int], port: int) -> None:
-    async with asyncio.timeout(15):
-        while not all(listening(pid, port) for pid in pids):
-            await asyncio.sleep(0.05)
-
-
-async def test_workers_share_one_port(
-    upstream: Upstream, redis_server_session: RedisServer
-) -> None:
-    port, admin_port = free_port(), free_port()
-    config = base_config(
-        port,
-        admin_port,
-        upstream=upstream.url,
-        session_store=redis_server_session.url,
-        databases={"workers": {}},
-    )
-    async with process(config, workers=2) as proc:
-        workers = children(proc.pid)
-        assert len(workers) == 2
-        await all_listening(workers, port)  # two processes, one port (SO_REUSEPORT)
-        admin = f"http://127.0.0.1:{admin_port}"
-        for i in range(6):  # each on a fresh connection: any worker may take it
-            session = await admin_session(admin, "workers", f"w{i}-{os.getpid()}")
-            async with aiohttp.ClientSession() as http:
-                async with http.get(
-                    f"http://127.0.0.1:{port}/workers/doc",
-                    headers={"Cookie": f"{COOKIE}={session}"},
-                ) as r:
-                    assert r.status == 200
-        proc.send_signal(signal.SIGTERM)  # the supervisor forwards it to every worker
-        assert await wait_exit(proc, 15) == 0
-        for pid in workers:
-            assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
-    assert len(upstream.requests) == 6
-
-
-async def test_a_dying_worker_stops_the_set(
-    upstream: Upstream, redis_server_session: RedisServer
-) -> None:
-    """One worker killed (say, by the OOM killer): the supervisor stops the other and exits
-    non-zero, so the orchestrator restarts the pod instead of running it half-dead."""
-    port, admin_port = free_port(), free_port()
-    config = base_config(
-        port,
-        admin_port,
-        upstream=upstream.url,
-        session_store=redis_server_session.url,
-        databases={"workers": {}},
-    )
-    async with process(config, workers=2) as proc:
-        first, second = children(proc.pid)
-        await all_listening([first, second], port)
-        os.kill(second, signal.SIGKILL)
-        assert await wait_exit(proc, 15) == 128 + signal.SIGKILL
-        assert not Path(f"/proc/{first}").exists() or _zombie(first)
-        assert proc.stderr is not None
-        assert "a worker exited unexpectedly" in proc.stderr.read().decode()
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
-    except OSError:
-        return True
-
-
 def test_workers_need_a_shared_store(tmp_path: Path) -> None:
     result = run_cli("run", "--config", write(tmp_path, GOOD), "--workers", "2")
     assert result.returncode == 2
     assert "--workers > 1 needs session_store" in result.stderr
+
+
+# --------------------------------------------------------------------------- for people
+
+
+def test_version() -> None:
+    result = run_cli("--version")
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"sidecar {__version__}\n", "")
+
+
+def test_bare_command_prints_the_help() -> None:
+    """No command is a usage error (exit 2, as argparse's others), answered with the help on
+    stdout rather than a one-line complaint."""
+    result = run_cli()
+    assert result.returncode == 2
+    assert result.stdout.startswith("usage: sidecar")
+    assert "run" in result.stdout and "check-config" in result.stdout
+    assert "examples:" in result.stdout
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("--help",), ["OpenID Connect", "run", "check-config", "examples:", "exit codes:"]),
+        (
+            ("run", "--help"),
+            ["--config FILE", "--workers N", "--restart-limit", "drain", "crash loop"],
+        ),
+        (("check-config", "--help"), ["FILE", "YAML path"]),
+    ],
+)
+def test_help_is_written_for_people(args: tuple[str, ...], words: list[str]) -> None:
+    result = run_cli(*args)
+    assert result.returncode == 0
+    for word in words:
+        assert word in result.stdout, word
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("listener", ["interface", "admin_interface"])
+def test_port_in_use_is_one_clear_line(
+    tmp_path: Path, redis_server_session: RedisServer, workers: int, listener: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        ports = (port, free_port()) if listener == "interface" else (free_port(), port)
+        config = base_config(
+            *ports,
+            upstream="http://127.0.0.1:9",
+            session_store=redis_server_session.url,
+            databases={"db": {}},
+        )
+        path = write(tmp_path, yaml.safe_dump(config))
+        result = run_cli("run", "--config", path, "--workers", str(workers))
+    assert result.returncode == 3
+    line = f"sidecar: cannot listen on 127.0.0.1:{port}: address already in use"
+    assert result.stderr.splitlines() == [line]  # workers: the supervisor says it, once

@@ -197,7 +197,11 @@ class RedisStore(SessionStore):
 
     async def close(self) -> None:
         if self._listener is not None:
-            self._listener.cancel()
+            # A cancel that lands as redis-py's read timeout expires can be swallowed
+            # (redis/redis-py#2551): cancel again until the task is really done.
+            while not self._listener.done():
+                self._listener.cancel()
+                await asyncio.wait({self._listener}, timeout=0.1)
             with contextlib.suppress(asyncio.CancelledError):
                 await self._listener
             self._listener = None

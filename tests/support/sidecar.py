@@ -137,13 +137,15 @@ async def running_sidecar(config: dict[str, Any]) -> AsyncIterator[Sidecar]:
 
 @contextmanager
 def sidecar_process(
-    config: dict[str, Any], *, workers: int = 1
+    config: dict[str, Any], *, workers: int = 1, args: tuple[str, ...] = ()
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """`sidecar run` as a real process; waits until its readiness endpoint answers."""
+    """`sidecar run` as a real process (`args` added to its command line); waits until its
+    readiness endpoint answers."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(config, f)
         path = f.name
     cmd = [sys.executable, "-m", "sidecar", "run", "--config", path, "--workers", str(workers)]
+    cmd += args
     proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, start_new_session=True)
     try:
         admin = config["admin_interface"]
