@@ -112,6 +112,47 @@ def test_allowed_redirect_origins_are_checked_at_load() -> None:
     assert caught.value.problems[0].startswith("databases.db.browser_login:")
 
 
+@pytest.mark.parametrize(
+    ("uri", "allowed", "public_url", "ok"),
+    [
+        ("https://app.example.com/signed-out", ["https://app.example.com"], None, True),
+        ("https://app.example.com:443/bye?x=1", ["https://app.example.com"], None, True),
+        ("https://sync.example.com/db/_oidc_logout/done", [], "https://sync.example.com", True),
+        ("https://sync.example.com/db/_oidc_logout/done", [], None, False),
+        ("https://evil.example.com/", ["https://app.example.com"], None, False),
+        ("http://app.example.com/", ["https://app.example.com"], None, False),
+        ("https://app.example.com:8443/", ["https://app.example.com"], None, False),
+        ("https://user@app.example.com/", ["https://app.example.com"], None, False),
+        ("https://app.example.com/%5c%5cevil", ["https://app.example.com"], None, False),
+    ],
+)
+def test_post_logout_redirect_uri_follows_the_return_target_rule(
+    uri: str, allowed: list[str], public_url: str | None, ok: bool
+) -> None:
+    provider = {"issuer": "https://op.example.com", "client_id": "c"}
+    data: dict[str, Any] = {
+        "upstream": "http://127.0.0.1:1",
+        "databases": {
+            "db": {
+                "allowed_redirect_origins": allowed,
+                "oidc": {"providers": {"op": provider | {"post_logout_redirect_uri": uri}}},
+            }
+        },
+    }
+    if public_url:
+        data["public_url"] = public_url
+    if ok:
+        parse_settings(data)
+        return
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(data)
+    assert caught.value.problems == [
+        "databases.db.oidc.providers.op.post_logout_redirect_uri: not an allowed return target: "
+        "list its origin in databases.db.allowed_redirect_origins (or set public_url to this "
+        "origin)"
+    ]
+
+
 # --------------------------------------------------------------------------- page loads
 
 CHROME_ACCEPT = (

@@ -20,7 +20,8 @@ from support.redis_server import RedisServer, free_port
 from support.sidecar import Sidecar, Upstream, base_config, running_sidecar
 
 from sidecar import keys
-from sidecar.oidc.logout import open_hint, safe_return_target, seal_hint, sid_group
+from sidecar.browser import logout_csrf_token, safe_return_target
+from sidecar.oidc.logout import open_hint, seal_hint, sid_group
 from sidecar.oidc.tokens import (
     LOGOUT_EVENT,
     LOGOUT_TOKEN_MAX_AGE,
@@ -28,13 +29,13 @@ from sidecar.oidc.tokens import (
     check_logout_claims,
     check_logout_header,
 )
-from sidecar.sessions.cookies import logout_csrf_token
 from sidecar.sessions.models import hash_session_id
 
 DB = "db"
 CLIENT_ID = "sidecar-logout"
 COOKIE = "SyncGatewaySession"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+APP_ORIGIN = "https://app.example.com"
 
 
 @dataclass
@@ -66,7 +67,12 @@ async def env(
         free_port(),
         upstream=upstream.url,
         session_store=fresh_redis.url,
-        databases={DB: {"oidc": {"providers": {"ks": provider}}}},
+        databases={
+            DB: {
+                "oidc": {"providers": {"ks": provider}},
+                "allowed_redirect_origins": [APP_ORIGIN],
+            }
+        },
     )
     async with running_sidecar(config) as sidecar:
         yield Env(sidecar, key_server)
@@ -392,10 +398,12 @@ async def test_a_refusal_is_a_page_for_browsers(env: Env) -> None:
         async with http.post(
             f"{env.url}/{DB}/_oidc_logout",
             data={"csrf": "nope"},
-            headers={"Cookie": f"{COOKIE}={session_id}", "Accept": "text/html,*/*"},
+            # A form submission is a navigation (sidecar.browser.is_page_load).
+            headers={"Cookie": f"{COOKIE}={session_id}", "Sec-Fetch-Mode": "navigate"},
         ) as r:
             assert r.status == 403
             assert_page_headers(r.headers)
+            assert "CSRF" in await r.text()
 
 
 @pytest.mark.parametrize("cookie", [None, "x" * 43, "junk"])
@@ -441,6 +449,40 @@ async def test_hostile_return_targets_fall_back_to_the_page(env: Env, rd: str) -
             assert r.status == 200
             assert "Location" not in r.headers
     assert await proxied_status(env, session_id) == 401
+
+
+@pytest.mark.parametrize(
+    ("rd", "location"),
+    [
+        ("/db/after", "/db/after"),
+        (f"{APP_ORIGIN}/signed-out?x=1", f"{APP_ORIGIN}/signed-out?x=1"),  # listed origin
+        ("https://app.example.com.evil.example.com/", None),
+        ("https://evil.example.com/", None),
+        ("/%2f%2fevil.example.com", None),  # the sign-in rule decodes, the old one did not
+        ("/db/%2e%2e/admin", None),
+    ],
+)
+async def test_return_targets_follow_the_sign_in_rule(
+    env: Env, rd: str, location: str | None
+) -> None:
+    session_id = await admin_session(env.sidecar.admin_url, DB, "ks_hal")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(
+            f"{env.url}/{DB}/_oidc_logout",
+            params={"rd": rd},
+            headers={"Cookie": f"{COOKIE}={session_id}"},
+        ) as r:
+            form = _Form()
+            form.feed(await r.text())
+            assert form.fields.get("rd") == location
+        async with http.post(
+            f"{env.url}/{DB}/_oidc_logout",
+            data={"csrf": logout_csrf_token(session_id), "rd": rd},
+            headers={"Cookie": f"{COOKIE}={session_id}"},
+            allow_redirects=False,
+        ) as r:
+            assert r.status == (302 if location else 200)
+            assert r.headers.get("Location") == location
 
 
 async def test_done_page_with_an_unknown_state(env: Env) -> None:

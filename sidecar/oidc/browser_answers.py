@@ -16,7 +16,7 @@ from sidecar.browser import logout_csrf_token, site_path
 from sidecar.databases import Database
 from sidecar.errors import SidecarError, Unauthorized
 from sidecar.oidc.provider import Provider
-from sidecar.pages import signed_in_page
+from sidecar.pages import redirect, signed_in_page
 from sidecar.sessions.store import hash_session_id
 
 # How long a reload or Back on a used callback still finds where the login went.
@@ -40,7 +40,7 @@ async def browser_answer(
         record = {"db": db.name, "rd": target, "session": hash_session_id(session_id)}
         await request.app[keys.STORE].put_record(_SIGNED_IN, state_key, record, SIGNED_IN_TTL)
         if target:
-            answer: web.Response = _redirect(target)
+            answer: web.Response = redirect(target)
         else:
             answer = await signed_in(request, db, provider, body["name"], session_id)
     else:  # disable_session: nothing to come back with, so no redirect (it would loop)
@@ -72,7 +72,7 @@ async def replayed_callback(
         and hmac.compare_digest(record["session"], hash_session_id(session_id))
         and isinstance(record.get("rd"), str)
     ):
-        return _redirect(record["rd"])
+        return redirect(record["rd"])
     provider = None
     if db.providers is not None:
         try:
@@ -105,7 +105,3 @@ async def signed_in(
         csrf_token=logout_csrf_token(session_id) if session_id else None,
         form_targets=form_targets,
     )
-
-
-def _redirect(target: str) -> web.Response:
-    return web.Response(status=302, headers={"Location": target, "Cache-Control": "no-store"})

@@ -45,6 +45,7 @@ from sidecar.sessions.cookies import (
     set_state_cookie,
 )
 from sidecar.sessions.models import User
+from sidecar.sessions.origin import public_base
 
 log = logging.getLogger("sidecar.oidc")
 
@@ -85,15 +86,14 @@ def _provider(registry: ProviderRegistry, name: str | None) -> Provider:
 def callback_url(
     request: web.Request, db: Database, provider: Provider, default: str | None
 ) -> str:
-    """The configured callback_url, else `{public_url or scheme://host}/{db}/_oidc_callback`.
+    """The configured callback_url, else `{public_base}/{db}/_oidc_callback` (`public_url`,
+    else the origin the client addressed, through a trusted proxy as it reports it).
 
     `?provider=` is added for a non-default provider so the callback knows whose code it is.
     """
     if provider.config.callback_url:
         return provider.config.callback_url
-    public_url = request.app[keys.SETTINGS].public_url
-    base = public_url.rstrip("/") if public_url else f"{request.scheme}://{request.host}"
-    url = URL(f"{base}/{db.name}/_oidc_callback")
+    url = URL(f"{public_base(request)}/{db.name}/_oidc_callback")
     if provider.name != default:
         url = url.with_query(provider=provider.name)
     return str(url)
