@@ -5,6 +5,7 @@ against the built-in test provider of a real sidecar with a real redis-server.
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from html.parser import HTMLParser
@@ -27,6 +28,8 @@ from sidecar.browser import (
     safe_return_target,
 )
 from sidecar.config import ConfigError, parse_settings
+from sidecar.oidc.browser_answers import COOKIE_NOT_KEPT
+from sidecar.oidc.routes import NO_STATE_COOKIE_HINT
 from sidecar.pages import error_page, signed_in_page
 
 # --------------------------------------------------------------------------- the corpus
@@ -263,9 +266,18 @@ def builtin_provider(h: LoginHarness, **extra: Any) -> dict[str, Any]:
     }
 
 
-async def start(h: LoginHarness, *, db: dict[str, Any] | None = None, **provider: Any) -> None:
-    """The sidecar with the built-in test provider; `db` adds keys to database `db`."""
-    config = h.config({"test": builtin_provider(h, **provider)}, unsupported=TEST_PROVIDER_ON)
+async def start(
+    h: LoginHarness,
+    *,
+    db: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+    **provider: Any,
+) -> None:
+    """The sidecar with the built-in test provider; `db` adds keys to database `db`,
+    `settings` top-level ones."""
+    config = h.config(
+        {"test": builtin_provider(h, **provider)}, unsupported=TEST_PROVIDER_ON, **(settings or {})
+    )
     config["databases"][DB].update(db or {})
     from support.sidecar import running_sidecar
 
@@ -329,6 +341,14 @@ async def login_from_page(
     return callback, await navigate(h, http, callback)
 
 
+async def through_landing(h: LoginHarness, http: aiohttp.ClientSession, answer: Answer) -> Answer:
+    """The callback's redirect to the landing check (did the session cookie stick?), followed."""
+    assert answer.status == 302, answer.text
+    landing = URL(answer.headers["Location"])
+    assert landing.path == f"/{DB}/_oidc_callback" and set(landing.query) == {"landed"}
+    return await navigate(h, http, URL(h.url).join(landing))
+
+
 def assert_page(answer: Answer, status: int) -> None:
     assert answer.status == status, answer.text
     for name, value in PAGE_HEADERS.items():
@@ -353,10 +373,11 @@ async def test_page_load_goes_through_login_and_lands_on_the_page(harness: Login
         logins = await harness.stored("logins")
         assert logins == 1
         callback = await sign_in_at_provider(harness, http, authorize, "carol", "authenticated")
-        landed = await navigate(harness, http, callback)
+        answered = await navigate(harness, http, callback)
+        assert answered.cookie("SyncGatewaySession") is not None
+        assert "id_token" not in answered.text and "eyJ" not in answered.text
+        landed = await through_landing(harness, http, answered)
         assert landed.status == 302 and landed.headers["Location"] == page
-        assert landed.cookie("SyncGatewaySession") is not None
-        assert "id_token" not in landed.text and "eyJ" not in landed.text
         shown = await navigate(harness, http, f"{harness.url}{page}")
     assert shown.status == 200, shown.text
     assert harness.upstream.requests[-1]["path_qs"] == page
@@ -470,7 +491,8 @@ async def test_signed_in_page_without_return_target(harness: LoginHarness) -> No
 async def test_reload_and_back_on_a_used_callback(harness: LoginHarness) -> None:
     await start(harness)
     async with browser() as http:
-        callback, first = await login_from_page(harness, http, f"/{DB}/page?x=1")
+        callback, answered = await login_from_page(harness, http, f"/{DB}/page?x=1")
+        first = await through_landing(harness, http, answered)
         assert first.status == 302 and first.headers["Location"] == f"/{DB}/page?x=1"
         again = await navigate(harness, http, callback)  # reload: same place, no error
         assert again.status == 302 and again.headers["Location"] == f"/{DB}/page?x=1"
@@ -583,7 +605,7 @@ async def test_allow_listed_origin_is_a_return_target(harness: LoginHarness) -> 
         callback = await sign_in_at_provider(
             harness, http, URL(started.headers["Location"]), "fay", "authenticated"
         )
-        landed = await navigate(harness, http, callback)
+        landed = await through_landing(harness, http, await navigate(harness, http, callback))
     assert landed.status == 302 and landed.headers["Location"] == target
 
 
@@ -628,3 +650,64 @@ async def test_signed_in_page_lets_sign_out_continue_to_the_provider(
     assert "Signed in as op_alice" in page.text
     csp = page.headers["Content-Security-Policy"]
     assert f"form-action 'self' {harness.op.issuer};" in csp
+
+
+# --------------------------------------------------------------------------- redirect loops
+
+
+@pytest.mark.parametrize("disable_callback_state", [True, False])
+async def test_a_browser_that_drops_the_cookie_gets_an_explanation_not_a_loop(
+    harness: LoginHarness, disable_callback_state: bool
+) -> None:
+    """`cookie_secure: always` over plain http: the browser keeps no cookie of ours. Without a
+    state cookie check the callback succeeds, so the landing check must catch it; with one the
+    callback itself fails. Either way one page, no redirect back to the login."""
+    await start(
+        harness,
+        settings={"session": {"cookie_secure": "always"}},
+        disable_callback_state=disable_callback_state,
+    )
+    page = f"/{DB}/page"
+    async with browser() as http:  # aiohttp's jar, like a browser, sends no Secure cookie on http
+        callback, answered = await login_from_page(harness, http, page)
+        if disable_callback_state:
+            answered = await through_landing(harness, http, answered)
+    assert_page(answered, 400)
+    assert "Location" not in answered.headers
+    if disable_callback_state:
+        assert html.escape(COOKIE_NOT_KEPT) in answered.text
+        assert _Page(answered.text).links == [f"/{DB}/_oidc?rd={page}"]  # "Try again", by hand
+    else:
+        hint = "No state cookie found for callback. " + NO_STATE_COOKIE_HINT
+        assert html.escape(hint) in answered.text
+        # Security: the return target goes only to the browser that proved it began the login.
+        assert _Page(answered.text).links == [f"/{DB}/_oidc"]
+
+
+@pytest.mark.parametrize(
+    ("landed", "cookie", "status"),
+    [
+        ("0" * 64, True, 400),  # unknown sign-in
+        ("x", True, 400),  # not a digest: no store lookup
+        ("", True, 400),
+        (None, False, 400),  # the right sign-in, the cookie did not come back
+        (None, True, 302),
+    ],
+)
+async def test_the_landing_check(
+    harness: LoginHarness, landed: str | None, cookie: bool, status: int
+) -> None:
+    await start(harness)
+    async with browser() as http:
+        _, answered = await login_from_page(harness, http, f"/{DB}/page")
+        landing = URL(answered.headers["Location"])
+        if landed is not None:
+            landing = landing.with_query(landed=landed)
+        if not cookie:
+            http.cookie_jar.clear()
+        answer = await navigate(harness, http, URL(harness.url).join(landing))
+    assert answer.status == status, answer.text
+    if status == 302:
+        assert answer.headers["Location"] == f"/{DB}/page"
+    else:
+        assert_page(answer, 400)
