@@ -1,6 +1,8 @@
-"""Sign-in in a real browser: headless chromium (tests/support/chromium.py) opens a protected
-page of a real sidecar, is sent through the built-in test provider or the real oidc-provider
-OP (typing a name, clicking the buttons), and lands back on the page it asked for.
+"""Sign-in and sign-out in a real browser: headless chromium (tests/support/chromium.py) opens
+a protected page of a real sidecar, is sent through the built-in test provider or the real
+oidc-provider OP (typing a name, clicking the buttons), lands back on the page it asked for,
+signs out (the confirmation page, or the signed-in page's button; with the OP on through its
+RP-initiated logout and back) and is sent to the provider's login form again.
 
 Skipped when chromium is not installed; `make deps` installs it. On failure a screenshot is
 kept under tests/artifacts/ (the failure's note gives the path).
@@ -13,7 +15,8 @@ from typing import Any
 
 import pytest
 from conftest import DB, LoginHarness
-from support.chromium import Chromium, executable
+from support.chromium import Chromium, Page, executable
+from test_logout_op import logout_client
 
 pytestmark = pytest.mark.skipif(
     executable() is None, reason="chromium is not installed (make deps installs it)"
@@ -115,3 +118,90 @@ async def test_sign_in_with_the_real_op_lands_on_the_page(
         await page.click_text("button", "Continue")
         assert await page.wait_for_url(lambda url: url == wanted) == wanted
         assert '"X-Forwarded-User": "op_alice"' in await page.text()
+
+
+async def sign_out_by_confirmation(page: Page, harness: LoginHarness) -> None:
+    """GET /{db}/_oidc_logout (a link an app would show), then the page's Sign out button."""
+    await page.goto(f"{harness.url}/{DB}/_oidc_logout")
+    confirm = await page.text()
+    assert "Sign out?" in confirm, confirm
+    await page.click_text("button", "Sign out")
+
+
+async def test_sign_in_then_sign_out_with_the_test_provider(
+    harness: LoginHarness, chrome: Chromium
+) -> None:
+    await start_with_test_provider(harness)
+    wanted = f"{harness.url}/{DB}/docs/report"
+    async with chrome.page("test-provider-sign-out") as page:
+        await page.goto(wanted)
+        await page.wait_for_url(lambda url: url.startswith(f"{harness.test_issuer}/authorize"))
+        await page.fill("#username", "dora")
+        await page.click_text("button", "Sign in")
+        await page.wait_for_url(lambda url: url == wanted)
+        assert '"X-Forwarded-User": "test_dora"' in await page.text()
+
+        await sign_out_by_confirmation(page, harness)
+        await page.wait_for_text("You are signed out.")
+        assert await page.url() == f"{harness.url}/{DB}/_oidc_logout"  # the POST's answer
+        assert await harness.stored("sessions") == 0
+
+        # The page again: no session any more, so off to the provider's login form.
+        await page.goto(wanted)
+        await page.wait_for_url(lambda url: url.startswith(f"{harness.test_issuer}/authorize"))
+        await page.wait_for("#username")
+
+
+async def test_the_signed_in_pages_sign_out_button(harness: LoginHarness, chrome: Chromium) -> None:
+    await start_with_test_provider(harness)
+    async with chrome.page("test-provider-sign-out-button") as page:
+        await page.goto(f"{harness.url}/{DB}/_oidc")
+        await page.wait_for_url(lambda url: "/_oidc_testing/authorize" in url)
+        await page.fill("#username", "erin")
+        await page.click_text("button", "Sign in")
+        await page.wait_for_url(lambda url: "/_oidc_callback" in url)
+        assert "Signed in as test_erin" in await page.text()
+        await page.click_text("button", "Sign out")
+        await page.wait_for_text("You are signed out.")
+        assert await page.url() == f"{harness.url}/{DB}/_oidc_logout"  # the POST's answer
+
+        await page.goto(f"{harness.url}/{DB}/")
+        await page.wait_for_url(lambda url: "/_oidc_testing/authorize" in url)
+        await page.wait_for("#username")
+
+
+async def test_sign_in_then_sign_out_at_the_real_op(
+    harness: LoginHarness, chrome: Chromium
+) -> None:
+    """Sign-out goes on through the OP's RP-initiated logout (its own confirmation) and back
+    to the sidecar's done page; afterwards the OP asks for a login again (its session ended
+    too, not only the sidecar's)."""
+    client = logout_client(harness.op, harness.port)
+    await harness.start(
+        {"op": harness.provider(client, user_prefix="op")}, upstream=None, demo_upstream=True
+    )
+    wanted = f"{harness.url}/{DB}/notes/today"
+    async with chrome.page("op-sign-out") as page:
+        await page.goto(wanted)
+        await page.wait_for_url(lambda url: url.startswith(harness.op.issuer))
+        await page.fill("input[name=login]", "frank")
+        await page.fill("input[name=password]", "any password")
+        await page.click_text("button", "Sign-in")
+        await page.wait_for("input[name=prompt][value=consent]")
+        await page.click_text("button", "Continue")
+        await page.wait_for_url(lambda url: url == wanted)
+        assert '"X-Forwarded-User": "op_frank"' in await page.text()
+
+        await sign_out_by_confirmation(page, harness)
+        # The OP's own "Do you want to sign-out" page (RP-Initiated Logout 1.0).
+        await page.wait_for_url(lambda url: url.startswith(f"{harness.op.issuer}/session/end"))
+        await page.click_text("button", "Yes, sign me out")
+        await page.wait_for_url(
+            lambda url: url.startswith(f"{harness.url}/{DB}/_oidc_logout/done?")
+        )
+        await page.wait_for_text("You are signed out.")
+        assert await harness.stored("sessions") == 0
+
+        await page.goto(wanted)
+        await page.wait_for_url(lambda url: url.startswith(harness.op.issuer))
+        await page.wait_for("input[name=login]")  # a login form, not a silent re-login

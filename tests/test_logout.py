@@ -360,6 +360,9 @@ async def test_sign_out_without_return_target_shows_a_page(env: Env) -> None:
         ("Origin null", 403),
         ("Sec-Fetch-Site cross-site", 403),
         ("Sec-Fetch-Site same-site", 403),
+        ("Origin null, Sec-Fetch-Site cross-site", 403),
+        ("Origin evil, Sec-Fetch-Site same-origin", 403),
+        ("Origin null, Sec-Fetch-Site same-origin, no csrf", 403),
     ],
 )
 async def test_forged_sign_outs_are_refused(env: Env, case: str, status: int) -> None:
@@ -379,6 +382,12 @@ async def test_forged_sign_outs_are_refused(env: Env, case: str, status: int) ->
         headers["Origin"] = "https://evil.example.com"
     elif case == "Origin null":
         headers["Origin"] = "null"
+    elif case.startswith("Origin "):
+        origin, site, *rest = case.removeprefix("Origin ").split(", ")
+        headers["Origin"] = "null" if origin == "null" else "https://evil.example.com"
+        headers["Sec-Fetch-Site"] = site.rpartition(" ")[2]
+        if rest:
+            data = {}
     else:
         headers["Sec-Fetch-Site"] = case.rpartition(" ")[2]
     async with aiohttp.ClientSession() as http:
@@ -390,6 +399,26 @@ async def test_forged_sign_outs_are_refused(env: Env, case: str, status: int) ->
             assert set(body) == {"error", "reason"}
             assert not r.headers.getall("Set-Cookie", [])
     assert await proxied_status(env, session_id) == 200  # still signed in
+
+
+async def test_a_browsers_own_form_post_with_origin_null(env: Env) -> None:
+    """What Chromium sends from our no-referrer confirmation page: `Origin: null` with
+    `Sec-Fetch-Site: same-origin` (Fetch Metadata vouches it is this site's own form)."""
+    session_id = await admin_session(env.sidecar.admin_url, DB, "ks_ivy")
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{env.url}/{DB}/_oidc_logout",
+            data={"csrf": logout_csrf_token(session_id)},
+            headers={
+                "Cookie": f"{COOKIE}={session_id}",
+                "Origin": "null",
+                "Sec-Fetch-Site": "same-origin",
+                "Sec-Fetch-Mode": "navigate",
+            },
+        ) as r:
+            assert r.status == 200
+            assert "Signed out" in await r.text()
+    assert await proxied_status(env, session_id) == 401
 
 
 async def test_a_refusal_is_a_page_for_browsers(env: Env) -> None:

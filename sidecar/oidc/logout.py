@@ -170,13 +170,20 @@ async def logout_page(request: web.Request) -> web.StreamResponse:
 
 
 def _cross_origin(request: web.Request) -> bool:
-    """Security: a POST another site's page made (Fetch Metadata, then Origin): an `Origin`
-    must be exactly one of the sidecar's own (`sessions.origin.own_origins`: `public_url`'s,
-    or the one the client addressed, through a trusted proxy as it reports it)."""
-    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+    """Security: a POST another site's page made. Fetch Metadata decides first: a browser's
+    `Sec-Fetch-Site` other than `same-origin`/`none` is refused. Then an `Origin` must be
+    exactly one of the sidecar's own (`sessions.origin.own_origins`: `public_url`'s, or the
+    one the client addressed, through a trusted proxy as it reports it) — except `null` when
+    the browser vouched `same-origin`: our pages are `Referrer-Policy: no-referrer`, under
+    which browsers send `Origin: null` with their own forms' POSTs (Fetch, "serializing a
+    request origin"). Without Fetch Metadata, `null` is refused (sandboxed frames send it)."""
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site not in (None, "same-origin", "none"):
         return True
     values = request.headers.getall("Origin", ())
     if not values:
+        return False
+    if len(values) == 1 and values[0] == "null" and fetch_site == "same-origin":
         return False
     origin = parse_origin(values[0]) if len(values) == 1 else None
     return origin is None or origin not in own_origins(request)
