@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import DB, Answer, LoginHarness, browser
+from conftest import DB, Answer, LoginHarness, browser, builtin_provider
 from yarl import URL
 
 from sidecar.browser import (
@@ -253,17 +253,6 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-
-
-def builtin_provider(h: LoginHarness, **extra: Any) -> dict[str, Any]:
-    return {
-        "issuer": h.test_issuer,
-        "client_id": "sync_gateway",
-        "validation_key": "any secret works",
-        "register": True,
-        "user_prefix": "test",
-        **extra,
-    }
 
 
 async def start(

@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import KeyServer, admin_session
+from conftest import Answer, KeyServer, admin_session, read_answer
 from support import jwt_factory
 from support.redis_server import RedisServer, free_port
 from support.sidecar import Sidecar, Upstream, base_config, running_sidecar
@@ -84,6 +84,23 @@ async def proxied_status(env: Env, session_id: str) -> int:
             f"{env.url}/{DB}/doc", headers={"Cookie": f"{COOKIE}={session_id}"}
         ) as r:
             return r.status
+
+
+async def sign_out(
+    env: Env, session_id: str, *, csrf: str | None = None, rd: str | None = None, **headers: str
+) -> Answer:
+    """The sign-out form POSTed with this session's cookie (and CSRF token, unless given)."""
+    form = {"csrf": csrf if csrf is not None else logout_csrf_token(session_id)}
+    if rd is not None:
+        form["rd"] = rd
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{env.url}/{DB}/_oidc_logout",
+            data=form,
+            headers={"Cookie": f"{COOKIE}={session_id}", **headers},
+            allow_redirects=False,
+        ) as r:
+            return await read_answer(r)
 
 
 # --- back-channel logout ---------------------------------------------------------------------
@@ -337,15 +354,10 @@ async def test_confirmation_page_then_sign_out(env: Env) -> None:
 
 async def test_sign_out_without_return_target_shows_a_page(env: Env) -> None:
     session_id = await admin_session(env.sidecar.admin_url, DB, "ks_dave")
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            f"{env.url}/{DB}/_oidc_logout",
-            data={"csrf": logout_csrf_token(session_id)},
-            headers={"Cookie": f"{COOKIE}={session_id}"},
-        ) as r:
-            assert r.status == 200
-            assert_page_headers(r.headers)
-            assert "Signed out" in await r.text()
+    answer = await sign_out(env, session_id)
+    assert answer.status == 200
+    assert_page_headers(answer.headers)
+    assert "Signed out" in answer.text
     assert await proxied_status(env, session_id) == 401
 
 
@@ -405,34 +417,20 @@ async def test_a_browsers_own_form_post_with_origin_null(env: Env) -> None:
     """What Chromium sends from our no-referrer confirmation page: `Origin: null` with
     `Sec-Fetch-Site: same-origin` (Fetch Metadata vouches it is this site's own form)."""
     session_id = await admin_session(env.sidecar.admin_url, DB, "ks_ivy")
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            f"{env.url}/{DB}/_oidc_logout",
-            data={"csrf": logout_csrf_token(session_id)},
-            headers={
-                "Cookie": f"{COOKIE}={session_id}",
-                "Origin": "null",
-                "Sec-Fetch-Site": "same-origin",
-                "Sec-Fetch-Mode": "navigate",
-            },
-        ) as r:
-            assert r.status == 200
-            assert "Signed out" in await r.text()
+    headers = {"Origin": "null", "Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "navigate"}
+    answer = await sign_out(env, session_id, **headers)
+    assert answer.status == 200
+    assert "Signed out" in answer.text
     assert await proxied_status(env, session_id) == 401
 
 
 async def test_a_refusal_is_a_page_for_browsers(env: Env) -> None:
     session_id = await admin_session(env.sidecar.admin_url, DB, "ks_fay")
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            f"{env.url}/{DB}/_oidc_logout",
-            data={"csrf": "nope"},
-            # A form submission is a navigation (sidecar.browser.is_page_load).
-            headers={"Cookie": f"{COOKIE}={session_id}", "Sec-Fetch-Mode": "navigate"},
-        ) as r:
-            assert r.status == 403
-            assert_page_headers(r.headers)
-            assert "CSRF" in await r.text()
+    # A form submission is a navigation (sidecar.browser.is_page_load).
+    answer = await sign_out(env, session_id, csrf="nope", **{"Sec-Fetch-Mode": "navigate"})
+    assert answer.status == 403
+    assert_page_headers(answer.headers)
+    assert "CSRF" in answer.text
 
 
 @pytest.mark.parametrize("cookie", [None, "x" * 43, "junk"])
@@ -468,15 +466,9 @@ async def test_sign_out_without_a_session_is_idempotent(env: Env, cookie: str | 
 async def test_hostile_return_targets_fall_back_to_the_page(env: Env, rd: str) -> None:
     assert safe_return_target(rd) is None
     session_id = await admin_session(env.sidecar.admin_url, DB, "ks_gus")
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            f"{env.url}/{DB}/_oidc_logout",
-            data={"csrf": logout_csrf_token(session_id), "rd": rd},
-            headers={"Cookie": f"{COOKIE}={session_id}"},
-            allow_redirects=False,
-        ) as r:
-            assert r.status == 200
-            assert "Location" not in r.headers
+    answer = await sign_out(env, session_id, rd=rd)
+    assert answer.status == 200
+    assert "Location" not in answer.headers
     assert await proxied_status(env, session_id) == 401
 
 
@@ -504,14 +496,9 @@ async def test_return_targets_follow_the_sign_in_rule(
             form = _Form()
             form.feed(await r.text())
             assert form.fields.get("rd") == location
-        async with http.post(
-            f"{env.url}/{DB}/_oidc_logout",
-            data={"csrf": logout_csrf_token(session_id), "rd": rd},
-            headers={"Cookie": f"{COOKIE}={session_id}"},
-            allow_redirects=False,
-        ) as r:
-            assert r.status == (302 if location else 200)
-            assert r.headers.get("Location") == location
+    answer = await sign_out(env, session_id, rd=rd)
+    assert answer.status == (302 if location else 200)
+    assert answer.headers.get("Location") == location
 
 
 async def test_done_page_with_an_unknown_state(env: Env) -> None:
