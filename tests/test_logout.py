@@ -496,6 +496,13 @@ async def test_return_targets_follow_the_sign_in_rule(
             form = _Form()
             form.feed(await r.text())
             assert form.fields.get("rd") == location
+            # Browsers apply form-action to the POST's redirect too: it must allow the target.
+            expected = (
+                f"form-action 'self' {APP_ORIGIN};"
+                if location and APP_ORIGIN in location
+                else "form-action 'self';"
+            )
+            assert expected in r.headers["Content-Security-Policy"]
     answer = await sign_out(env, session_id, rd=rd)
     assert answer.status == (302 if location else 200)
     assert answer.headers.get("Location") == location

@@ -94,13 +94,17 @@ def signed_out_page(rd: str | None) -> web.Response:
 
 
 def confirm_page(
-    db: Database, name: str, csrf: str, rd: str | None, form_target: str | None
+    db: Database, name: str, csrf: str, rd: str | None, end_session: str | None
 ) -> web.Response:
+    """The confirmation. Its CSP's form-action (which browsers apply to the redirects after
+    the POST too) also allows where the POST may send the browser on: the provider's
+    end_session_endpoint, an allow-listed absolute `rd`."""
     body = (
         f"<h1>Sign out?</h1><p>Signed in to {esc(db.name)} as <strong>{esc(name)}</strong>.</p>"
         + sign_out_form("_oidc_logout", csrf, rd=rd)
     )
-    return page("Sign out?", body, form_targets=(form_target,) if form_target else ())
+    onward = [u for u in (end_session, rd) if u and not u.startswith("/")]
+    return page("Sign out?", body, form_targets=[str(URL(u).origin()) for u in onward])
 
 
 # --- the endpoints -----------------------------------------------------------------------------
@@ -165,8 +169,7 @@ async def logout_page(request: web.Request) -> web.StreamResponse:
             expire_session_cookie(request, response, db)
         return response
     endpoint = await _end_session_endpoint(_provider_of(db, session))
-    origin = str(URL(endpoint).origin()) if endpoint else None
-    return confirm_page(db, session.name, logout_csrf_token(session_id), rd, origin)
+    return confirm_page(db, session.name, logout_csrf_token(session_id), rd, endpoint)
 
 
 def _cross_origin(request: web.Request) -> bool:
