@@ -77,12 +77,15 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     if settings.unsupported.oidc_test_provider.enabled:
         test_provider = TestProvider(public_url=settings.public_url)
         defs += oidc_routes.without_referrer(test_provider.routes(prefix="/{db}/_oidc_testing"))
-    defs += [
+    # The sidecar's own endpoints get the Host/framing check before their handler (they build
+    # URLs from the Host); the proxied routes make it themselves, once.
+    app.add_routes(observed_routes(defs, check_head=True))
+    proxied = [
         web.route("*", "/{db}", proxy_handler, expect_handler=defer_continue),
         web.route("*", "/{db}/{tail:.*}", proxy_handler, expect_handler=defer_continue),
-        web.route("*", "/{tail:.*}", not_found),  # JSON, like every other answer
     ]
-    app.add_routes(observed_routes(defs))
+    app.add_routes(observed_routes(proxied))
+    app.add_routes(observed_routes([web.route("*", "/{tail:.*}", not_found)], check_head=True))
     return app
 
 

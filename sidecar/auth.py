@@ -24,6 +24,7 @@ from sidecar.databases import Database
 from sidecar.errors import BadRequest, ProviderError, ServiceUnavailable, Unauthorized
 from sidecar.identity import Identity
 from sidecar.oidc.tokens import TokenError
+from sidecar.pages import redirect
 from sidecar.sessions.models import User
 from sidecar.sessions.store import SessionStore, is_well_formed_session_id
 from sidecar.users import LoginRefused, UsernameError, apply_login, username_from_claims
@@ -111,7 +112,7 @@ def login_redirect(request: web.Request, db: Database) -> web.Response | None:
     prefix = URL(public_url).path.rstrip("/") if public_url else ""
     page = prefix + request.raw_path  # the page as the browser named it
     login = login_path(public_url, db.name, rd=page)
-    return web.Response(status=302, headers={"Location": login, "Cache-Control": "no-store"})
+    return redirect(login)
 
 
 async def identity_from_session(app: web.Application, db: Database, session_id: str) -> Identity:

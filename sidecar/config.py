@@ -26,7 +26,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, core_schema
 
-from sidecar.browser import parse_origin
+from sidecar.browser import parse_origin, safe_return_target
 
 DEFAULT_SCOPE = ("openid", "email")
 PROVIDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]*$")  # Sync Gateway: no "_"
@@ -556,9 +556,37 @@ def cross_checks(data: Mapping[str, Any]) -> list[str]:
                     f"{path}.oidc.providers.{name}: provider names may contain only letters, "
                     "digits, '.' and '-' (no '_')"
                 )
+        problems += _post_logout_checks(data, conf, path, providers)
         default = oidc.get("default_provider")
         if default is not None and default not in names:
             problems.append(f"{path}.oidc.default_provider: {default!r} is not in providers")
+    return problems
+
+
+def _post_logout_checks(
+    data: Mapping[str, Any], conf: Mapping[str, Any], path: str, providers: Any
+) -> list[str]:
+    """A provider's `post_logout_redirect_uri` follows the return-target rule of `rd`
+    (sidecar.browser.safe_return_target): its origin is listed in the database's
+    `allowed_redirect_origins`, or is `public_url`'s."""
+    if not isinstance(providers, Mapping):
+        return []
+    allowed = conf.get("allowed_redirect_origins") or ()
+    if not isinstance(allowed, list | tuple) or not all(isinstance(a, str) for a in allowed):
+        return []  # reported by the model
+    public_url = data.get("public_url")
+    if isinstance(public_url, str):
+        parts = urlsplit(public_url)
+        allowed = (*allowed, f"{parts.scheme}://{parts.netloc}")
+    problems = []
+    for name, provider in providers.items():
+        uri = provider.get("post_logout_redirect_uri") if isinstance(provider, Mapping) else None
+        if isinstance(uri, str) and safe_return_target(uri, allowed) is None:
+            problems.append(
+                f"{path}.oidc.providers.{name}.post_logout_redirect_uri: not an allowed return "
+                f"target: list its origin in {path}.allowed_redirect_origins (or set public_url "
+                "to this origin)"
+            )
     return problems
 
 

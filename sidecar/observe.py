@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import itertools
 import logging
+import re
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -23,6 +25,7 @@ from sidecar.browser import is_page_load
 from sidecar.errors import NotFound, SidecarError
 from sidecar.observability import ACCESS_LOG, Metrics
 from sidecar.pages import error_page
+from sidecar.request_head import check_request_head
 from sidecar.sessions.cookies import set_session_cookie, sets_session_cookie
 from sidecar.sessions.store import StoreUnavailable
 from sidecar.sgbridge import strip_set_cookies
@@ -50,29 +53,68 @@ def request_id_of(request: web.Request) -> str:
 def error_response(exc: SidecarError, request: web.Request | None = None) -> web.Response:
     """JSON `{"error", "reason"}`; a small HTML page with the same status and reason when
     `request` is a person's browser loading a page (sidecar.browser.is_page_load)."""
+    return _error_answer(
+        request, exc.status, exc.error, exc.reason, headers=exc.headers, retry=exc.retry
+    )
+
+
+def http_error_response(exc: web.HTTPException, request: web.Request) -> web.Response:
+    """One of aiohttp's own HTTP errors (an unrouted path or method, a body too large...) as
+    the sidecar's: JSON, or the error page for a browser's page load; a 405 keeps `Allow`."""
+    reason = exc.text or exc.reason
+    if reason.startswith(f"{exc.status}: "):  # aiohttp's default text: "404: Not Found"
+        reason = reason.partition(": ")[2]
+    headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else {}
+    return _error_answer(request, exc.status, exc.reason, reason, headers=headers)
+
+
+def _error_answer(
+    request: web.Request | None,
+    status: int,
+    error: str,
+    reason: str,
+    *,
+    headers: dict[str, str],
+    retry: str | None = None,
+) -> web.Response:
     if request is not None and is_page_load(request.method, request.headers):
-        return error_page(
-            exc.status, exc.error, exc.reason, retry_url=exc.retry, headers=exc.headers
-        )
+        return error_page(status, error, reason, retry_url=retry, headers=headers)
     # Security: reasons may echo provider-sent text (an error_description); never let a
     # browser sniff the JSON as HTML.
-    headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store", **exc.headers}
-    return web.json_response(exc.body(), status=exc.status, headers=headers)
+    headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store", **headers}
+    return web.json_response({"error": error, "reason": reason}, status=status, headers=headers)
 
 
-def observed(handler: Handler) -> Handler:
+def observed(handler: Handler, *, check_head: bool = False) -> Handler:
     """`handler` wrapped in `observe`. Every route is registered this way instead of through
     an aiohttp middleware: the middleware machinery (two extra coroutine layers and a cache
-    lookup per request) measured about 30 µs a request, more than authentication."""
+    lookup per request) measured about 30 µs a request, more than authentication.
+
+    `check_head`: refuse a bad Host or framing (`request_head.check_request_head`) before the
+    handler runs — for the public listener's own endpoints, which build URLs from the Host
+    (the proxied routes check it themselves, once, in `handlers.proxy_handler`)."""
+
+    inner = _head_checked(handler) if check_head else handler
 
     async def wrapped(request: web.Request) -> web.StreamResponse:
-        return await observe(request, handler)
+        return await observe(request, inner)
 
     return wrapped
 
 
-def observed_routes(defs: list[web.RouteDef]) -> list[web.RouteDef]:
-    return [web.route(d.method, d.path, observed(d.handler), **d.kwargs) for d in defs]
+def _head_checked(handler: Handler) -> Handler:
+    async def checked(request: web.Request) -> web.StreamResponse:
+        check_request_head(request.headers, request.version)  # raises 400 / 501
+        return await handler(request)
+
+    return checked
+
+
+def observed_routes(defs: list[web.RouteDef], *, check_head: bool = False) -> list[web.RouteDef]:
+    return [
+        web.route(d.method, d.path, observed(d.handler, check_head=check_head), **d.kwargs)
+        for d in defs
+    ]
 
 
 async def not_found(request: web.Request) -> web.StreamResponse:
@@ -91,12 +133,10 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         outcome = "rejected" if exc.status < 500 else "failed"
         if isinstance(exc, StoreUnavailable):
             _metrics(request).store_errors.inc()
-    except web.HTTPException as exc:  # aiohttp's own 404/405 for unrouted paths
+    except web.HTTPException as exc:  # aiohttp's own errors (404/405, 413 reading a body...)
         if exc.status < 400:
             raise
-        response = web.json_response(
-            {"error": exc.reason, "reason": exc.text or exc.reason}, status=exc.status
-        )
+        response = http_error_response(exc, request)
         outcome = "rejected" if exc.status < 500 else "failed"
     except (asyncio.CancelledError, ConnectionResetError):
         _log_request(request, 499, time.perf_counter() - started, "client_gone")
@@ -145,6 +185,24 @@ def _metrics(request: web.Request) -> Metrics:
     return app[keys.METRICS] if keys.METRICS in app else app[keys.PUBLIC_APP][keys.METRICS]
 
 
+def logged_path(path: str) -> str:
+    """`path` as the access log shows it. Security: a session id in a path (the admin API's
+    `/{db}/_session/{id}`, Sync Gateway's `/{db}/_user/{name}/_session/{id}`) is a bearer
+    credential: it is logged as `<sha256:` + the first 12 hex digits of its SHA-256 (the
+    start of its store key, enough to tell two sessions apart) + `>`."""
+    if "/_session/" not in path:
+        return path
+    return _SESSION_IN_PATH.sub(_redacted_session, path)
+
+
+_SESSION_IN_PATH = re.compile(r"(?<=/_session/)[^/]+")
+
+
+def _redacted_session(match: re.Match[str]) -> str:
+    digest = hashlib.sha256(match[0].encode("utf-8", "surrogateescape")).hexdigest()
+    return f"<sha256:{digest[:12]}>"
+
+
 def _log_request(request: web.Request, status: int, seconds: float, outcome: str) -> None:
     identity = request.get(keys.IDENTITY)
     db = request.get(keys.DB_NAME, "-")
@@ -153,7 +211,8 @@ def _log_request(request: web.Request, status: int, seconds: float, outcome: str
         ACCESS_LOG.request(
             {
                 "method": request.method,
-                "path": request.path,  # path only: query strings may carry code / refresh_token
+                # Path only: query strings may carry code / refresh_token; session ids redacted.
+                "path": logged_path(request.path),
                 "status": status,
                 "duration_ms": round(seconds * 1000, 2),
                 "user": identity.name if identity is not None else None,

@@ -1,5 +1,6 @@
-"""The few HTML pages a person in a browser sees from the sidecar itself: signed in, and an
-error with a way forward. Every interpolated value is escaped; no page holds a token.
+"""The few HTML pages a person in a browser sees from the sidecar itself: signed in, signed
+out, sign out?, and an error with a way forward; and the redirects that move a browser on.
+Every interpolated value is escaped; no page holds a token.
 """
 
 from __future__ import annotations
@@ -79,12 +80,26 @@ def signed_in_page(
     (a POST with the session's CSRF token; absent when no session was created)."""
     body = [f"<h1>Signed in as {esc(name)}</h1>", f'<p><a href="{esc(onward)}">Continue</a></p>']
     if logout_url is not None and csrf_token is not None:
-        body.append(
-            f'<form method="post" action="{esc(logout_url)}">'
-            f'<input type="hidden" name="csrf" value="{esc(csrf_token)}">'
-            '<button type="submit">Sign out</button></form>'
-        )
+        body.append(sign_out_form(logout_url, csrf_token))
     return page(f"Signed in as {name}", "\n".join(body), form_targets=form_targets)
+
+
+def sign_out_form(action: str, csrf_token: str, *, rd: str | None = None) -> str:
+    """The *Sign out* button: a POST to `/{db}/_oidc_logout` carrying the session's CSRF token
+    (sidecar.browser.logout_csrf_token) and, when given, the return target `rd`."""
+    fields = [("csrf", csrf_token)] + ([("rd", rd)] if rd else [])
+    hidden = "".join(
+        f'<input type="hidden" name="{name}" value="{esc(value)}">' for name, value in fields
+    )
+    return (
+        f'<form method="post" action="{esc(action)}">{hidden}'
+        '<button type="submit">Sign out</button></form>'
+    )
+
+
+def redirect(location: str) -> web.Response:
+    """302 to `location` (already judged safe by the caller), never stored by a cache."""
+    return web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})
 
 
 def error_page(

@@ -238,6 +238,18 @@ class LoginHarness:
             return await read_answer(response)
 
 
+def builtin_provider(h: LoginHarness, **extra: Any) -> dict[str, Any]:
+    """A provider block for the sidecar's built-in test provider (`make run`'s)."""
+    return {
+        "issuer": h.test_issuer,
+        "client_id": "sync_gateway",
+        "validation_key": "any secret works",
+        "register": True,
+        "user_prefix": "test",
+        **extra,
+    }
+
+
 async def forget_refresh_outcome(harness: LoginHarness, refresh_token: str) -> None:
     """Ends now the seconds-long window in which a refresh token already used answers with the
     same shared outcome (single_flight.OUTCOME_SECONDS), as its TTL would by itself."""

@@ -18,7 +18,7 @@ from aiohttp import WSMsgType, web
 from conftest import RawAnswer, admin_session, raw_http
 from support.op import OPClient, OpenIDProvider, get_tokens
 from support.redis_server import free_port
-from support.sidecar import Sidecar, Upstream, base_config, running_sidecar
+from support.sidecar import Sidecar, Upstream, base_config, running_sidecar, serving_app
 from yarl import URL
 
 from sidecar import keys
@@ -70,14 +70,8 @@ async def bulk() -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_get("/bulk/blob", _source)
     app.router.add_route("*", "/bulk/{tail:.*}", _sink)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with serving_app(app) as url:
+        yield url
 
 
 def pattern_digest(size: int) -> str:

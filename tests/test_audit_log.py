@@ -20,9 +20,9 @@ from test_observability import config, json_log, lines  # noqa: F401  (json_log:
 from yarl import URL
 
 from sidecar import keys
+from sidecar.browser import logout_csrf_token
 from sidecar.oidc.logout import sid_group
 from sidecar.oidc.tokens import LOGOUT_EVENT
-from sidecar.sessions.cookies import logout_csrf_token
 from sidecar.sessions.models import hash_session_id
 
 AUDIT_KEYS = {"time", "level", "logger", "msg", "event", "user", "provider", "db", "reason"}

@@ -5,6 +5,7 @@ against the built-in test provider of a real sidecar with a real redis-server.
 
 from __future__ import annotations
 
+import html
 import json
 import re
 from html.parser import HTMLParser
@@ -13,7 +14,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import DB, Answer, LoginHarness, browser
+from conftest import DB, Answer, LoginHarness, browser, builtin_provider
 from yarl import URL
 
 from sidecar.browser import (
@@ -27,6 +28,8 @@ from sidecar.browser import (
     safe_return_target,
 )
 from sidecar.config import ConfigError, parse_settings
+from sidecar.oidc.browser_answers import COOKIE_NOT_KEPT
+from sidecar.oidc.routes import NO_STATE_COOKIE_HINT
 from sidecar.pages import error_page, signed_in_page
 
 # --------------------------------------------------------------------------- the corpus
@@ -110,6 +113,47 @@ def test_allowed_redirect_origins_are_checked_at_load() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_settings(base | {"databases": {"db": {"browser_login": "sometimes"}}})
     assert caught.value.problems[0].startswith("databases.db.browser_login:")
+
+
+@pytest.mark.parametrize(
+    ("uri", "allowed", "public_url", "ok"),
+    [
+        ("https://app.example.com/signed-out", ["https://app.example.com"], None, True),
+        ("https://app.example.com:443/bye?x=1", ["https://app.example.com"], None, True),
+        ("https://sync.example.com/db/_oidc_logout/done", [], "https://sync.example.com", True),
+        ("https://sync.example.com/db/_oidc_logout/done", [], None, False),
+        ("https://evil.example.com/", ["https://app.example.com"], None, False),
+        ("http://app.example.com/", ["https://app.example.com"], None, False),
+        ("https://app.example.com:8443/", ["https://app.example.com"], None, False),
+        ("https://user@app.example.com/", ["https://app.example.com"], None, False),
+        ("https://app.example.com/%5c%5cevil", ["https://app.example.com"], None, False),
+    ],
+)
+def test_post_logout_redirect_uri_follows_the_return_target_rule(
+    uri: str, allowed: list[str], public_url: str | None, ok: bool
+) -> None:
+    provider = {"issuer": "https://op.example.com", "client_id": "c"}
+    data: dict[str, Any] = {
+        "upstream": "http://127.0.0.1:1",
+        "databases": {
+            "db": {
+                "allowed_redirect_origins": allowed,
+                "oidc": {"providers": {"op": provider | {"post_logout_redirect_uri": uri}}},
+            }
+        },
+    }
+    if public_url:
+        data["public_url"] = public_url
+    if ok:
+        parse_settings(data)
+        return
+    with pytest.raises(ConfigError) as caught:
+        parse_settings(data)
+    assert caught.value.problems == [
+        "databases.db.oidc.providers.op.post_logout_redirect_uri: not an allowed return target: "
+        "list its origin in databases.db.allowed_redirect_origins (or set public_url to this "
+        "origin)"
+    ]
 
 
 # --------------------------------------------------------------------------- page loads
@@ -211,20 +255,18 @@ PAGE_HEADERS = {
 }
 
 
-def builtin_provider(h: LoginHarness, **extra: Any) -> dict[str, Any]:
-    return {
-        "issuer": h.test_issuer,
-        "client_id": "sync_gateway",
-        "validation_key": "any secret works",
-        "register": True,
-        "user_prefix": "test",
-        **extra,
-    }
-
-
-async def start(h: LoginHarness, *, db: dict[str, Any] | None = None, **provider: Any) -> None:
-    """The sidecar with the built-in test provider; `db` adds keys to database `db`."""
-    config = h.config({"test": builtin_provider(h, **provider)}, unsupported=TEST_PROVIDER_ON)
+async def start(
+    h: LoginHarness,
+    *,
+    db: dict[str, Any] | None = None,
+    settings: dict[str, Any] | None = None,
+    **provider: Any,
+) -> None:
+    """The sidecar with the built-in test provider; `db` adds keys to database `db`,
+    `settings` top-level ones."""
+    config = h.config(
+        {"test": builtin_provider(h, **provider)}, unsupported=TEST_PROVIDER_ON, **(settings or {})
+    )
     config["databases"][DB].update(db or {})
     from support.sidecar import running_sidecar
 
@@ -288,6 +330,14 @@ async def login_from_page(
     return callback, await navigate(h, http, callback)
 
 
+async def through_landing(h: LoginHarness, http: aiohttp.ClientSession, answer: Answer) -> Answer:
+    """The callback's redirect to the landing check (did the session cookie stick?), followed."""
+    assert answer.status == 302, answer.text
+    landing = URL(answer.headers["Location"])
+    assert landing.path == f"/{DB}/_oidc_callback" and set(landing.query) == {"landed"}
+    return await navigate(h, http, URL(h.url).join(landing))
+
+
 def assert_page(answer: Answer, status: int) -> None:
     assert answer.status == status, answer.text
     for name, value in PAGE_HEADERS.items():
@@ -312,10 +362,11 @@ async def test_page_load_goes_through_login_and_lands_on_the_page(harness: Login
         logins = await harness.stored("logins")
         assert logins == 1
         callback = await sign_in_at_provider(harness, http, authorize, "carol", "authenticated")
-        landed = await navigate(harness, http, callback)
+        answered = await navigate(harness, http, callback)
+        assert answered.cookie("SyncGatewaySession") is not None
+        assert "id_token" not in answered.text and "eyJ" not in answered.text
+        landed = await through_landing(harness, http, answered)
         assert landed.status == 302 and landed.headers["Location"] == page
-        assert landed.cookie("SyncGatewaySession") is not None
-        assert "id_token" not in landed.text and "eyJ" not in landed.text
         shown = await navigate(harness, http, f"{harness.url}{page}")
     assert shown.status == 200, shown.text
     assert harness.upstream.requests[-1]["path_qs"] == page
@@ -429,7 +480,8 @@ async def test_signed_in_page_without_return_target(harness: LoginHarness) -> No
 async def test_reload_and_back_on_a_used_callback(harness: LoginHarness) -> None:
     await start(harness)
     async with browser() as http:
-        callback, first = await login_from_page(harness, http, f"/{DB}/page?x=1")
+        callback, answered = await login_from_page(harness, http, f"/{DB}/page?x=1")
+        first = await through_landing(harness, http, answered)
         assert first.status == 302 and first.headers["Location"] == f"/{DB}/page?x=1"
         again = await navigate(harness, http, callback)  # reload: same place, no error
         assert again.status == 302 and again.headers["Location"] == f"/{DB}/page?x=1"
@@ -542,7 +594,7 @@ async def test_allow_listed_origin_is_a_return_target(harness: LoginHarness) -> 
         callback = await sign_in_at_provider(
             harness, http, URL(started.headers["Location"]), "fay", "authenticated"
         )
-        landed = await navigate(harness, http, callback)
+        landed = await through_landing(harness, http, await navigate(harness, http, callback))
     assert landed.status == 302 and landed.headers["Location"] == target
 
 
@@ -587,3 +639,64 @@ async def test_signed_in_page_lets_sign_out_continue_to_the_provider(
     assert "Signed in as op_alice" in page.text
     csp = page.headers["Content-Security-Policy"]
     assert f"form-action 'self' {harness.op.issuer};" in csp
+
+
+# --------------------------------------------------------------------------- redirect loops
+
+
+@pytest.mark.parametrize("disable_callback_state", [True, False])
+async def test_a_browser_that_drops_the_cookie_gets_an_explanation_not_a_loop(
+    harness: LoginHarness, disable_callback_state: bool
+) -> None:
+    """`cookie_secure: always` over plain http: the browser keeps no cookie of ours. Without a
+    state cookie check the callback succeeds, so the landing check must catch it; with one the
+    callback itself fails. Either way one page, no redirect back to the login."""
+    await start(
+        harness,
+        settings={"session": {"cookie_secure": "always"}},
+        disable_callback_state=disable_callback_state,
+    )
+    page = f"/{DB}/page"
+    async with browser() as http:  # aiohttp's jar, like a browser, sends no Secure cookie on http
+        callback, answered = await login_from_page(harness, http, page)
+        if disable_callback_state:
+            answered = await through_landing(harness, http, answered)
+    assert_page(answered, 400)
+    assert "Location" not in answered.headers
+    if disable_callback_state:
+        assert html.escape(COOKIE_NOT_KEPT) in answered.text
+        assert _Page(answered.text).links == [f"/{DB}/_oidc?rd={page}"]  # "Try again", by hand
+    else:
+        hint = "No state cookie found for callback. " + NO_STATE_COOKIE_HINT
+        assert html.escape(hint) in answered.text
+        # Security: the return target goes only to the browser that proved it began the login.
+        assert _Page(answered.text).links == [f"/{DB}/_oidc"]
+
+
+@pytest.mark.parametrize(
+    ("landed", "cookie", "status"),
+    [
+        ("0" * 64, True, 400),  # unknown sign-in
+        ("x", True, 400),  # not a digest: no store lookup
+        ("", True, 400),
+        (None, False, 400),  # the right sign-in, the cookie did not come back
+        (None, True, 302),
+    ],
+)
+async def test_the_landing_check(
+    harness: LoginHarness, landed: str | None, cookie: bool, status: int
+) -> None:
+    await start(harness)
+    async with browser() as http:
+        _, answered = await login_from_page(harness, http, f"/{DB}/page")
+        landing = URL(answered.headers["Location"])
+        if landed is not None:
+            landing = landing.with_query(landed=landed)
+        if not cookie:
+            http.cookie_jar.clear()
+        answer = await navigate(harness, http, URL(harness.url).join(landing))
+    assert answer.status == status, answer.text
+    if status == 302:
+        assert answer.headers["Location"] == f"/{DB}/page"
+    else:
+        assert_page(answer, 400)

@@ -24,6 +24,7 @@ from support.kustomize import (
     strategic_merge,
 )
 
+from sidecar.admin_auth import exposure_warning
 from sidecar.config import Settings, load_settings, parse_settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -306,10 +307,29 @@ def test_config_files_on_disk_are_complete_settings(config: Path, tmp_path: Path
     """The files as edited (not only as mounted) parse, secret path aside."""
     secret = tmp_path / "client-secret"
     secret.write_text("s3cret")
+    token = tmp_path / "admin-token"
+    token.write_text("t0ken")
     text = config.read_text().replace("/etc/sidecar/secrets/client-secret", str(secret))
+    text = text.replace("/etc/sidecar/secrets/admin-token", str(token))
     settings = parse_settings(yaml.safe_load(text))
     assert settings.session_store is not None  # several replicas need a shared store
     assert settings.shutdown_grace_seconds == 25
+    assert settings.admin_auth is not None and settings.admin_auth.bearer_token is not None
+    assert settings.admin_auth.bearer_token.get() == "t0ken"
+
+
+def test_the_admin_api_needs_the_mounted_token_but_metrics_stay_open(
+    rendered: list[Resource], tmp_path: Path
+) -> None:
+    """The admin interface listens on the pod address (for Prometheus): `admin_auth` with the
+    Secret's `admin-token` guards it beside the NetworkPolicy, so `run` warns of nothing."""
+    settings = sidecar_settings(rendered, tmp_path)
+    secret = find(rendered, "Secret", "sidecar-secrets")
+    auth = settings.admin_auth
+    assert auth is not None and auth.bearer_token is not None
+    assert auth.bearer_token.get() == _secret_text(secret, "admin-token")
+    assert "/_metrics" in auth.open_paths  # the scrape needs no credentials
+    assert exposure_warning(settings) is None
 
 
 def test_listeners_match_the_container_ports(rendered: list[Resource], tmp_path: Path) -> None:
@@ -483,12 +503,11 @@ def test_sidecar_runs_as_the_image_user(rendered: list[Resource]) -> None:
     assert all(p["defaultMode"] == 0o440 for p in projected)
 
 
-def test_the_client_secret_is_mounted_only_into_the_sidecar(rendered: list[Resource]) -> None:
+@pytest.mark.parametrize("key", ["client-secret", "admin-token"])
+def test_the_secrets_are_mounted_only_into_the_sidecar(rendered: list[Resource], key: str) -> None:
     spec = sync_spec(rendered)
-    assert any("client-secret" in path for path in mounted_files(rendered, spec, "sidecar"))
-    assert not any(
-        "client-secret" in path for path in mounted_files(rendered, spec, "sync-gateway")
-    )
+    assert any(key in path for path in mounted_files(rendered, spec, "sidecar"))
+    assert not any(key in path for path in mounted_files(rendered, spec, "sync-gateway"))
 
 
 # ------------------------------------------------------------------ shutdown

@@ -24,6 +24,7 @@ from support import jwt_factory
 from support.jwt_factory import SigningKey
 from support.op import OpenIDProvider
 from support.redis_server import free_port
+from support.sidecar import serving_app
 from yarl import URL
 
 SESSION_COOKIE = "SyncGatewaySession"
@@ -524,13 +525,8 @@ class ScriptedOP:
         app.router.add_get("/.well-known/openid-configuration", self._discovery)
         app.router.add_get("/jwks", self._jwks)
         app.router.add_post("/token", self._token)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", self.port).start()
-        try:
+        async with serving_app(app, self.port):
             yield self
-        finally:
-            await runner.cleanup()
 
 
 class _Trickle(web.Response):

@@ -15,7 +15,14 @@ from urllib.parse import quote
 
 import aiohttp
 import pytest
-from conftest import DB, Answer, LoginHarness, browser, forget_refresh_outcome
+from conftest import (
+    DB,
+    Answer,
+    LoginHarness,
+    browser,
+    builtin_provider,
+    forget_refresh_outcome,
+)
 from support.op import browser_login, get_tokens
 from yarl import URL
 
@@ -601,17 +608,6 @@ async def form_login(
     posted = await h.request(http, "POST", authorize.join(URL(form.action)), data=fields)
     assert posted.status == 302, posted.text
     return await h.get(http, posted.headers["Location"])
-
-
-def builtin_provider(h: LoginHarness, **extra: Any) -> dict[str, Any]:
-    return {
-        "issuer": h.test_issuer,
-        "client_id": "sync_gateway",
-        "validation_key": "any secret works",
-        "register": True,
-        "user_prefix": "test",
-        **extra,
-    }
 
 
 TEST_PROVIDER_ON = {"oidc_test_provider": {"enabled": True}}

@@ -16,6 +16,7 @@ import pytest
 from aiohttp import web
 from conftest import DB, Answer, LoginHarness, browser
 from support.redis_server import free_port
+from support.sidecar import serving_app
 from yarl import URL
 
 from sidecar.errors import ProviderError, outside_text
@@ -174,13 +175,8 @@ class MetadataWithout:
 async def serving(meta: MetadataWithout) -> AsyncIterator[MetadataWithout]:
     app = web.Application()
     app.router.add_get("/.well-known/openid-configuration", meta.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", meta.port).start()
-    try:
+    async with serving_app(app, meta.port):
         yield meta
-    finally:
-        await runner.cleanup()
 
 
 async def test_without_the_flag_iss_is_optional_but_checked_when_present(
@@ -288,13 +284,8 @@ async def hostile_provider() -> AsyncIterator[HostileTokenEndpoint]:
     app.router.add_get("/.well-known/openid-configuration", server.discovery)
     app.router.add_get("/jwks", server.jwks)
     app.router.add_post("/token", server.token)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", server.port).start()
-    try:
+    async with serving_app(app, server.port):
         yield server
-    finally:
-        await runner.cleanup()
 
 
 # token endpoint answer → expected status and reason

@@ -14,13 +14,14 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import KeyServer, admin_session
+from conftest import Answer, KeyServer, admin_session, read_answer
 from support import jwt_factory
 from support.redis_server import RedisServer, free_port
 from support.sidecar import Sidecar, Upstream, base_config, running_sidecar
 
 from sidecar import keys
-from sidecar.oidc.logout import open_hint, safe_return_target, seal_hint, sid_group
+from sidecar.browser import logout_csrf_token, safe_return_target
+from sidecar.oidc.logout import open_hint, seal_hint, sid_group
 from sidecar.oidc.tokens import (
     LOGOUT_EVENT,
     LOGOUT_TOKEN_MAX_AGE,
@@ -28,13 +29,13 @@ from sidecar.oidc.tokens import (
     check_logout_claims,
     check_logout_header,
 )
-from sidecar.sessions.cookies import logout_csrf_token
 from sidecar.sessions.models import hash_session_id
 
 DB = "db"
 CLIENT_ID = "sidecar-logout"
 COOKIE = "SyncGatewaySession"
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+APP_ORIGIN = "https://app.example.com"
 
 
 @dataclass
@@ -66,7 +67,12 @@ async def env(
         free_port(),
         upstream=upstream.url,
         session_store=fresh_redis.url,
-        databases={DB: {"oidc": {"providers": {"ks": provider}}}},
+        databases={
+            DB: {
+                "oidc": {"providers": {"ks": provider}},
+                "allowed_redirect_origins": [APP_ORIGIN],
+            }
+        },
     )
     async with running_sidecar(config) as sidecar:
         yield Env(sidecar, key_server)
@@ -78,6 +84,23 @@ async def proxied_status(env: Env, session_id: str) -> int:
             f"{env.url}/{DB}/doc", headers={"Cookie": f"{COOKIE}={session_id}"}
         ) as r:
             return r.status
+
+
+async def sign_out(
+    env: Env, session_id: str, *, csrf: str | None = None, rd: str | None = None, **headers: str
+) -> Answer:
+    """The sign-out form POSTed with this session's cookie (and CSRF token, unless given)."""
+    form = {"csrf": csrf if csrf is not None else logout_csrf_token(session_id)}
+    if rd is not None:
+        form["rd"] = rd
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            f"{env.url}/{DB}/_oidc_logout",
+            data=form,
+            headers={"Cookie": f"{COOKIE}={session_id}", **headers},
+            allow_redirects=False,
+        ) as r:
+            return await read_answer(r)
 
 
 # --- back-channel logout ---------------------------------------------------------------------
@@ -331,15 +354,10 @@ async def test_confirmation_page_then_sign_out(env: Env) -> None:
 
 async def test_sign_out_without_return_target_shows_a_page(env: Env) -> None:
     session_id = await admin_session(env.sidecar.admin_url, DB, "ks_dave")
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            f"{env.url}/{DB}/_oidc_logout",
-            data={"csrf": logout_csrf_token(session_id)},
-            headers={"Cookie": f"{COOKIE}={session_id}"},
-        ) as r:
-            assert r.status == 200
-            assert_page_headers(r.headers)
-            assert "Signed out" in await r.text()
+    answer = await sign_out(env, session_id)
+    assert answer.status == 200
+    assert_page_headers(answer.headers)
+    assert "Signed out" in answer.text
     assert await proxied_status(env, session_id) == 401
 
 
@@ -354,6 +372,9 @@ async def test_sign_out_without_return_target_shows_a_page(env: Env) -> None:
         ("Origin null", 403),
         ("Sec-Fetch-Site cross-site", 403),
         ("Sec-Fetch-Site same-site", 403),
+        ("Origin null, Sec-Fetch-Site cross-site", 403),
+        ("Origin evil, Sec-Fetch-Site same-origin", 403),
+        ("Origin null, Sec-Fetch-Site same-origin, no csrf", 403),
     ],
 )
 async def test_forged_sign_outs_are_refused(env: Env, case: str, status: int) -> None:
@@ -373,6 +394,12 @@ async def test_forged_sign_outs_are_refused(env: Env, case: str, status: int) ->
         headers["Origin"] = "https://evil.example.com"
     elif case == "Origin null":
         headers["Origin"] = "null"
+    elif case.startswith("Origin "):
+        origin, site, *rest = case.removeprefix("Origin ").split(", ")
+        headers["Origin"] = "null" if origin == "null" else "https://evil.example.com"
+        headers["Sec-Fetch-Site"] = site.rpartition(" ")[2]
+        if rest:
+            data = {}
     else:
         headers["Sec-Fetch-Site"] = case.rpartition(" ")[2]
     async with aiohttp.ClientSession() as http:
@@ -386,16 +413,24 @@ async def test_forged_sign_outs_are_refused(env: Env, case: str, status: int) ->
     assert await proxied_status(env, session_id) == 200  # still signed in
 
 
+async def test_a_browsers_own_form_post_with_origin_null(env: Env) -> None:
+    """What Chromium sends from our no-referrer confirmation page: `Origin: null` with
+    `Sec-Fetch-Site: same-origin` (Fetch Metadata vouches it is this site's own form)."""
+    session_id = await admin_session(env.sidecar.admin_url, DB, "ks_ivy")
+    headers = {"Origin": "null", "Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "navigate"}
+    answer = await sign_out(env, session_id, **headers)
+    assert answer.status == 200
+    assert "Signed out" in answer.text
+    assert await proxied_status(env, session_id) == 401
+
+
 async def test_a_refusal_is_a_page_for_browsers(env: Env) -> None:
     session_id = await admin_session(env.sidecar.admin_url, DB, "ks_fay")
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            f"{env.url}/{DB}/_oidc_logout",
-            data={"csrf": "nope"},
-            headers={"Cookie": f"{COOKIE}={session_id}", "Accept": "text/html,*/*"},
-        ) as r:
-            assert r.status == 403
-            assert_page_headers(r.headers)
+    # A form submission is a navigation (sidecar.browser.is_page_load).
+    answer = await sign_out(env, session_id, csrf="nope", **{"Sec-Fetch-Mode": "navigate"})
+    assert answer.status == 403
+    assert_page_headers(answer.headers)
+    assert "CSRF" in answer.text
 
 
 @pytest.mark.parametrize("cookie", [None, "x" * 43, "junk"])
@@ -431,16 +466,46 @@ async def test_sign_out_without_a_session_is_idempotent(env: Env, cookie: str | 
 async def test_hostile_return_targets_fall_back_to_the_page(env: Env, rd: str) -> None:
     assert safe_return_target(rd) is None
     session_id = await admin_session(env.sidecar.admin_url, DB, "ks_gus")
-    async with aiohttp.ClientSession() as http:
-        async with http.post(
-            f"{env.url}/{DB}/_oidc_logout",
-            data={"csrf": logout_csrf_token(session_id), "rd": rd},
-            headers={"Cookie": f"{COOKIE}={session_id}"},
-            allow_redirects=False,
-        ) as r:
-            assert r.status == 200
-            assert "Location" not in r.headers
+    answer = await sign_out(env, session_id, rd=rd)
+    assert answer.status == 200
+    assert "Location" not in answer.headers
     assert await proxied_status(env, session_id) == 401
+
+
+@pytest.mark.parametrize(
+    ("rd", "location"),
+    [
+        ("/db/after", "/db/after"),
+        (f"{APP_ORIGIN}/signed-out?x=1", f"{APP_ORIGIN}/signed-out?x=1"),  # listed origin
+        ("https://app.example.com.evil.example.com/", None),
+        ("https://evil.example.com/", None),
+        ("/%2f%2fevil.example.com", None),  # the sign-in rule decodes, the old one did not
+        ("/db/%2e%2e/admin", None),
+    ],
+)
+async def test_return_targets_follow_the_sign_in_rule(
+    env: Env, rd: str, location: str | None
+) -> None:
+    session_id = await admin_session(env.sidecar.admin_url, DB, "ks_hal")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(
+            f"{env.url}/{DB}/_oidc_logout",
+            params={"rd": rd},
+            headers={"Cookie": f"{COOKIE}={session_id}"},
+        ) as r:
+            form = _Form()
+            form.feed(await r.text())
+            assert form.fields.get("rd") == location
+            # Browsers apply form-action to the POST's redirect too: it must allow the target.
+            expected = (
+                f"form-action 'self' {APP_ORIGIN};"
+                if location and APP_ORIGIN in location
+                else "form-action 'self';"
+            )
+            assert expected in r.headers["Content-Security-Policy"]
+    answer = await sign_out(env, session_id, rd=rd)
+    assert answer.status == (302 if location else 200)
+    assert answer.headers.get("Location") == location
 
 
 async def test_done_page_with_an_unknown_state(env: Env) -> None:

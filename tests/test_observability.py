@@ -14,6 +14,7 @@ from support.redis_server import free_port
 from support.sidecar import Sidecar, Upstream, base_config, running_sidecar
 
 from sidecar.observability import JsonFormatter, TextFormatter
+from sidecar.observe import logged_path
 
 
 def config(upstream: Upstream) -> dict[str, Any]:
@@ -199,3 +200,61 @@ async def test_error_answers_are_never_sniffed_or_cached(sidecar: Sidecar) -> No
             assert r.headers["X-Content-Type-Options"] == "nosniff"
             assert r.headers["Cache-Control"] == "no-store"
             assert r.content_type == "application/json"
+
+
+@pytest.mark.parametrize(
+    ("path", "logged"),
+    [
+        ("/db/doc", "/db/doc"),
+        ("/db/_session", "/db/_session"),
+        ("/db/_session/abc", "/db/_session/<sha256:ba7816bf8f01>"),
+        ("/db/_user/bob/_session/abc", "/db/_user/bob/_session/<sha256:ba7816bf8f01>"),
+        ("/db/_session/abc/x", "/db/_session/<sha256:ba7816bf8f01>/x"),
+        ("/db/_session/\udcff", "/db/_session/<sha256:a8100ae6aa19>"),
+    ],
+)
+def test_session_ids_in_paths_are_redacted(path: str, logged: str) -> None:
+    assert logged_path(path) == logged
+
+
+async def test_admin_access_log_redacts_session_ids(
+    sidecar: Sidecar, json_log: io.StringIO
+) -> None:
+    async with aiohttp.ClientSession() as http:
+        sid = await session_cookie(sidecar, http, "dora")
+        async with http.get(f"{sidecar.admin_url}/db/_session/{sid}") as r:
+            assert r.status == 200
+        async with http.delete(f"{sidecar.admin_url}/db/_session/{sid}") as r:
+            assert r.status == 200
+    admin = [e for e in lines(json_log) if e.get("listener") == "admin"]
+    paths = [e["path"] for e in admin if "/_session/" in e.get("path", "")]
+    assert len(paths) == 2 and all(p.startswith("/db/_session/<sha256:") for p in paths)
+    assert sid not in json_log.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("headers", "content_type"),
+    [
+        ({"Sec-Fetch-Mode": "navigate"}, "text/html"),
+        ({"Accept": "text/html"}, "application/json"),  # a POST without Sec-Fetch-Mode
+        ({}, "application/json"),
+    ],
+)
+async def test_aiohttps_own_errors_are_pages_for_browsers(
+    sidecar: Sidecar, headers: dict[str, str], content_type: str
+) -> None:
+    """aiohttp's own HTTP errors (here 413, reading a form past client_max_size) get the
+    sidecar's answers: the error page for a browser's page load, JSON for everyone else."""
+    async with aiohttp.ClientSession() as http:
+        body = b"csrf=" + b"a" * (1024**2 + 1)
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        async with http.post(
+            f"{sidecar.url}/db/_oidc_logout",
+            data=io.BytesIO(body),
+            headers=headers | form | {"Cookie": "SyncGatewaySession=" + "x" * 43},
+        ) as r:
+            assert r.status == 413
+            assert r.content_type == content_type
+            text = await r.text()
+            assert "Request Entity Too Large" in text
+            assert r.headers["Cache-Control"] == "no-store"

@@ -14,9 +14,9 @@ from sidecar import keys
 from sidecar.auth import identity_from_session, session_cookie
 from sidecar.browser import logout_csrf_token, site_path
 from sidecar.databases import Database
-from sidecar.errors import SidecarError, Unauthorized
+from sidecar.errors import BadRequest, SidecarError, Unauthorized
 from sidecar.oidc.provider import Provider
-from sidecar.pages import signed_in_page
+from sidecar.pages import redirect, signed_in_page
 from sidecar.sessions.store import hash_session_id
 
 # How long a reload or Back on a used callback still finds where the login went.
@@ -39,8 +39,8 @@ async def browser_answer(
     if isinstance(session_id, str):
         record = {"db": db.name, "rd": target, "session": hash_session_id(session_id)}
         await request.app[keys.STORE].put_record(_SIGNED_IN, state_key, record, SIGNED_IN_TTL)
-        if target:
-            answer: web.Response = _redirect(target)
+        if target:  # via the landing check: did the session cookie stick?
+            answer: web.Response = redirect(_landing_path(request, db, state_key))
         else:
             answer = await signed_in(request, db, provider, body["name"], session_id)
     else:  # disable_session: nothing to come back with, so no redirect (it would loop)
@@ -48,6 +48,39 @@ async def browser_answer(
     for cookie in api_answer.headers.getall("Set-Cookie", ()):
         answer.headers.add("Set-Cookie", cookie)
     return answer
+
+
+LANDED = "landed"  # the callback's query parameter of the landing check
+COOKIE_NOT_KEPT = (
+    "Signed in, but this browser did not send the session cookie back, so every page would "
+    "send it to sign in again. Allow cookies for this site; if the page is served over plain "
+    "http, the sidecar's session.cookie_secure must not be 'always' (a Secure cookie is never "
+    "sent over http)."
+)
+
+
+def _landing_path(request: web.Request, db: Database, state_key: str) -> str:
+    public_url = request.app[keys.SETTINGS].public_url
+    path = URL(site_path(public_url, f"/{db.name}/_oidc_callback"))
+    return str(path.with_query({LANDED: state_key}))
+
+
+async def landing(request: web.Request, db: Database, state_key: str) -> web.Response:
+    """The hop between a browser's callback and its return target, which stops a redirect
+    loop: only when the session cookie the callback just set comes back here does the browser
+    go on to the return target; a browser that does not keep it gets an error page saying so
+    (else the target would send it to sign in again, and again)."""
+    record = None
+    if len(state_key) == 64:  # a SHA-256 hex digest, else no store lookup
+        record = await request.app[keys.STORE].get_record(_SIGNED_IN, state_key)
+    if record is None or record.get("db") != db.name or not isinstance(record.get("rd"), str):
+        raise BadRequest("this sign-in is unknown or too old: sign in again")
+    # With this login's session: its return target (another valid session: the signed-in page).
+    onward = await replayed_callback(request, db, state_key)
+    if onward is None:  # no valid session cookie came back
+        request[keys.RETURN_TARGET] = record["rd"]  # "Try again" goes back there
+        raise BadRequest(COOKIE_NOT_KEPT)
+    return onward
 
 
 async def replayed_callback(
@@ -72,7 +105,7 @@ async def replayed_callback(
         and hmac.compare_digest(record["session"], hash_session_id(session_id))
         and isinstance(record.get("rd"), str)
     ):
-        return _redirect(record["rd"])
+        return redirect(record["rd"])
     provider = None
     if db.providers is not None:
         try:
@@ -105,7 +138,3 @@ async def signed_in(
         csrf_token=logout_csrf_token(session_id) if session_id else None,
         form_targets=form_targets,
     )
-
-
-def _redirect(target: str) -> web.Response:
-    return web.Response(status=302, headers={"Location": target, "Cache-Control": "no-store"})

@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
-import html
 import json
 import logging
 import secrets
 import time
-from urllib.parse import urlsplit
 
 from aiohttp import web
 from cryptography.exceptions import InvalidTag
@@ -20,19 +17,21 @@ from yarl import URL
 
 from sidecar import keys
 from sidecar.auth import session_cookie
+from sidecar.browser import logout_csrf_ok, logout_csrf_token, safe_return_target
 from sidecar.databases import Database
 from sidecar.errors import BadRequest, Forbidden, ProviderError
 from sidecar.observability import audit
 from sidecar.oidc.provider import Provider
 from sidecar.oidc.tokens import peek_claims
-from sidecar.sessions.cookies import expire_session_cookie, logout_csrf_token
+from sidecar.pages import esc, page, redirect, sign_out_form
+from sidecar.sessions.cookies import expire_session_cookie
 from sidecar.sessions.models import Session, hash_session_id, is_well_formed_session_id
+from sidecar.sessions.origin import own_origins, parse_origin, public_base
 
 log = logging.getLogger("sidecar.oidc")
 
 LOGOUT_STATE_TTL = 600  # seconds the provider's logout may take before /done forgets `rd`
 SID_LINK_TTL = 30 * 86400  # sid -> sessions links outlive extended sessions (64 bytes each)
-MAX_RETURN_TARGET = 2048
 
 
 def sid_group(db: str, provider: str, sid: str) -> str:
@@ -86,74 +85,26 @@ async def remember_login(
     await store.put_record("logout", session.key, {"id_token_hint": hint}, session.ttl)
 
 
-# TODO(merge): replace with sidecar.browser.safe_return_target
-def safe_return_target(raw: str | None) -> str | None:
-    """A same-origin path to send the browser to, or None. Deliberately narrow: one leading
-    `/` then no `/` or `\\`, printable ASCII only, no scheme, no userinfo."""
-    if not raw or len(raw) > MAX_RETURN_TARGET:
-        return None
-    if not all(0x21 <= ord(c) < 0x7F for c in raw) or "\\" in raw:
-        return None  # Security: whitespace, CR/LF, backslashes and non-ASCII never pass
-    if not raw.startswith("/") or raw.startswith("//"):
-        return None  # Security: protocol-relative `//evil` is another origin
-    return raw
-
-
 # --- pages -------------------------------------------------------------------------------------
-# TODO(merge): render through sidecar.pages once the browser sign-in branch is merged.
-
-
-def page_headers(form_targets: tuple[str, ...] = ()) -> dict[str, str]:
-    """Security headers of every sign-out page. `form_targets` are origins the form may end up
-    at: browsers apply form-action to the redirects after a submission (the provider's logout)."""
-    form_action = " ".join(("'self'", *form_targets))
-    return {
-        "Content-Type": "text/html; charset=utf-8",
-        "Cache-Control": "no-store",
-        "Content-Security-Policy": (
-            f"default-src 'none'; form-action {form_action}; frame-ancestors 'none'"
-        ),
-        "X-Content-Type-Options": "nosniff",
-        "Referrer-Policy": "no-referrer",
-    }
-
-
-def _page(
-    title: str, body: str, *, status: int = 200, form_targets: tuple[str, ...] = ()
-) -> web.Response:
-    text = (
-        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{html.escape(title)}</title></head>"
-        f"<body><main><h1>{html.escape(title)}</h1>{body}</main></body></html>"
-    )
-    return web.Response(status=status, text=text, headers=page_headers(form_targets))
 
 
 def signed_out_page(rd: str | None) -> web.Response:
-    onward = f'<p><a href="{html.escape(rd)}">Continue</a></p>' if rd else ""
-    return _page("Signed out", f"<p>You are signed out.</p>{onward}")
+    onward = f'<p><a href="{esc(rd)}">Continue</a></p>' if rd else ""
+    return page("Signed out", f"<h1>Signed out</h1><p>You are signed out.</p>{onward}")
 
 
 def confirm_page(
-    db: Database, name: str, csrf: str, rd: str | None, origin: str | None
+    db: Database, name: str, csrf: str, rd: str | None, end_session: str | None
 ) -> web.Response:
-    hidden = f'<input type="hidden" name="csrf" value="{html.escape(csrf)}">'
-    if rd:
-        hidden += f'<input type="hidden" name="rd" value="{html.escape(rd)}">'
+    """The confirmation. Its CSP's form-action (which browsers apply to the redirects after
+    the POST too) also allows where the POST may send the browser on: the provider's
+    end_session_endpoint, an allow-listed absolute `rd`."""
     body = (
-        f"<p>Signed in to {html.escape(db.name)} as <strong>{html.escape(name)}</strong>.</p>"
-        f'<form method="post" action="_oidc_logout">{hidden}'
-        '<button type="submit">Sign out</button></form>'
+        f"<h1>Sign out?</h1><p>Signed in to {esc(db.name)} as <strong>{esc(name)}</strong>.</p>"
+        + sign_out_form("_oidc_logout", csrf, rd=rd)
     )
-    return _page("Sign out?", body, form_targets=(origin,) if origin else ())
-
-
-def forbidden(request: web.Request, reason: str) -> web.Response:
-    """403 as a page for browsers, `{"error", "reason"}` JSON for everyone else."""
-    if "text/html" in request.headers.get("Accept", ""):
-        return _page("Sign-out refused", f"<p>{html.escape(reason)}</p>", status=403)
-    raise Forbidden(reason)
+    onward = [u for u in (end_session, rd) if u and not u.startswith("/")]
+    return page("Sign out?", body, form_targets=[str(URL(u).origin()) for u in onward])
 
 
 # --- the endpoints -----------------------------------------------------------------------------
@@ -165,14 +116,9 @@ def _database(request: web.Request) -> Database:
     return db
 
 
-def public_base(request: web.Request) -> str:
-    public_url = request.app[keys.SETTINGS].public_url
-    return public_url.rstrip("/") if public_url else f"{request.scheme}://{request.host}"
-
-
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}".lower()
+def _return_target(db: Database, raw: str | None) -> str | None:
+    """`rd` under the sign-in rule (sidecar.browser.safe_return_target), else None."""
+    return safe_return_target(raw, db.config.allowed_redirect_origins)
 
 
 def _single(values: list[str], name: str) -> str | None:
@@ -214,7 +160,7 @@ async def _end_session_endpoint(provider: Provider | None) -> str | None:
 async def logout_page(request: web.Request) -> web.StreamResponse:
     """GET: the confirmation page (never signs out by itself: a GET can be forged by any page)."""
     db = _database(request)
-    rd = safe_return_target(_single(request.query.getall("rd", []), "rd"))
+    rd = _return_target(db, _single(request.query.getall("rd", []), "rd"))
     session_id = session_cookie(request, db.cookie_name)
     session = await _session_of(request, db, session_id)
     if session is None or session_id is None:
@@ -223,43 +169,47 @@ async def logout_page(request: web.Request) -> web.StreamResponse:
             expire_session_cookie(request, response, db)
         return response
     endpoint = await _end_session_endpoint(_provider_of(db, session))
-    origin = _origin(endpoint) if endpoint else None
-    return confirm_page(db, session.name, logout_csrf_token(session_id), rd, origin)
+    return confirm_page(db, session.name, logout_csrf_token(session_id), rd, endpoint)
 
 
 def _cross_origin(request: web.Request) -> bool:
-    """Security: a POST another site's page made (Fetch Metadata, then Origin)."""
-    if request.headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+    """Security: a POST another site's page made. Fetch Metadata decides first: a browser's
+    `Sec-Fetch-Site` other than `same-origin`/`none` is refused. Then an `Origin` must be
+    exactly one of the sidecar's own (`sessions.origin.own_origins`: `public_url`'s, or the
+    one the client addressed, through a trusted proxy as it reports it) — except `null` when
+    the browser vouched `same-origin`: our pages are `Referrer-Policy: no-referrer`, under
+    which browsers send `Origin: null` with their own forms' POSTs (Fetch, "serializing a
+    request origin"). Without Fetch Metadata, `null` is refused (sandboxed frames send it)."""
+    fetch_site = request.headers.get("Sec-Fetch-Site")
+    if fetch_site not in (None, "same-origin", "none"):
         return True
-    origin = request.headers.get("Origin")
-    if origin is None:
+    values = request.headers.getall("Origin", ())
+    if not values:
         return False
-    if request.app[keys.SETTINGS].public_url:
-        return origin.lower() != _origin(public_base(request))
-    # Without public_url the scheme seen here may be a TLS-terminating proxy's http: compare
-    # the host (and port) the browser addressed.
-    return urlsplit(origin).netloc.lower() != request.host.lower()
+    if len(values) == 1 and values[0] == "null" and fetch_site == "same-origin":
+        return False
+    origin = parse_origin(values[0]) if len(values) == 1 else None
+    return origin is None or origin not in own_origins(request)
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
     """POST: end the session everywhere, expire the cookie, then the provider's logout."""
     db = _database(request)
-    if _cross_origin(request):
-        return forbidden(request, "cross-origin sign-out refused")
+    if _cross_origin(request):  # a page for browsers (is_page_load), JSON else: see observe
+        raise Forbidden("cross-origin sign-out refused")
     try:
         form = await request.post()
     except ValueError:
         raise BadRequest("unreadable form body") from None
     csrf = _single([v for v in form.getall("csrf", []) if isinstance(v, str)], "csrf")
     rd_values = [v for v in form.getall("rd", []) if isinstance(v, str)]
-    rd = safe_return_target(_single(rd_values, "rd"))
+    rd = _return_target(db, _single(rd_values, "rd"))
     session_id = session_cookie(request, db.cookie_name)
     if session_id is None:  # nothing to protect: already signed out (idempotent)
-        return _redirect(rd) if rd is not None else signed_out_page(None)
+        return redirect(rd) if rd is not None else signed_out_page(None)
     # Security: the token is bound to this browser's session cookie; constant-time compare.
-    expected = logout_csrf_token(session_id)
-    if csrf is None or not hmac.compare_digest(csrf.encode(), expected.encode()):
-        return forbidden(request, "missing or wrong CSRF token")
+    if csrf is None or not logout_csrf_ok(session_id, csrf):
+        raise Forbidden("missing or wrong CSRF token")
 
     store = request.app[keys.STORE]
     session = await _session_of(request, db, session_id)
@@ -275,7 +225,7 @@ async def logout(request: web.Request) -> web.StreamResponse:
             request, db, provider, endpoint, hint, rd
         )
     elif rd is not None:
-        response = _redirect(rd)
+        response = redirect(rd)
     else:
         response = signed_out_page(None)
     expire_session_cookie(request, response, db)
@@ -300,16 +250,12 @@ async def _rp_initiated(
     params = {
         "client_id": provider.config.client_id,
         "post_logout_redirect_uri": provider.config.post_logout_redirect_uri
-        or f"{public_base(request)}/{db.name}/_oidc_logout/done",
+        or f"{public_base(request)}/{db.name}/_oidc_logout/done",  # config-checked: see config
         "state": state,
     }
     if id_token_hint:
         params["id_token_hint"] = id_token_hint
-    return _redirect(str(URL(endpoint).update_query(params)))
-
-
-def _redirect(location: str) -> web.Response:
-    return web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})
+    return redirect(str(URL(endpoint).update_query(params)))
 
 
 def _digest(value: str) -> str:
@@ -325,8 +271,8 @@ async def logout_done(request: web.Request) -> web.StreamResponse:
     if state and len(state) <= 256:
         record = await request.app[keys.STORE].take_record("logout_state", _digest(state))
     rd = record.get("rd") if record and record.get("db") == db.name else None
-    target = safe_return_target(rd if isinstance(rd, str) else None)
-    return _redirect(target) if target is not None else signed_out_page(None)
+    target = _return_target(db, rd if isinstance(rd, str) else None)
+    return redirect(target) if target is not None else signed_out_page(None)
 
 
 def routes() -> list[web.RouteDef]:

@@ -33,7 +33,7 @@ from sidecar.errors import (
 )
 from sidecar.observability import audit
 from sidecar.oidc import logout
-from sidecar.oidc.browser_answers import browser_answer, replayed_callback
+from sidecar.oidc.browser_answers import LANDED, browser_answer, landing, replayed_callback
 from sidecar.oidc.client import LoginRequest, authorization_url, new_login, token_request
 from sidecar.oidc.provider import Provider, ProviderRegistry
 from sidecar.oidc.single_flight import single_flight
@@ -45,6 +45,7 @@ from sidecar.sessions.cookies import (
     set_state_cookie,
 )
 from sidecar.sessions.models import User
+from sidecar.sessions.origin import public_base
 
 log = logging.getLogger("sidecar.oidc")
 
@@ -85,15 +86,14 @@ def _provider(registry: ProviderRegistry, name: str | None) -> Provider:
 def callback_url(
     request: web.Request, db: Database, provider: Provider, default: str | None
 ) -> str:
-    """The configured callback_url, else `{public_url or scheme://host}/{db}/_oidc_callback`.
+    """The configured callback_url, else `{public_base}/{db}/_oidc_callback` (`public_url`,
+    else the origin the client addressed, through a trusted proxy as it reports it).
 
     `?provider=` is added for a non-default provider so the callback knows whose code it is.
     """
     if provider.config.callback_url:
         return provider.config.callback_url
-    public_url = request.app[keys.SETTINGS].public_url
-    base = public_url.rstrip("/") if public_url else f"{request.scheme}://{request.host}"
-    url = URL(f"{base}/{db.name}/_oidc_callback")
+    url = URL(f"{public_base(request)}/{db.name}/_oidc_callback")
     if provider.name != default:
         url = url.with_query(provider=provider.name)
     return str(url)
@@ -164,6 +164,10 @@ def _digest(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
+NO_STATE_COOKIE_HINT = (
+    "This browser did not send back the login cookie set a moment ago: allow cookies for "
+    "this site (over plain http, session.cookie_secure must not be 'always')"
+)
 ISS_MISSING = "OIDC Auth Failure: the provider's response has no iss (RFC 9207)"
 ISS_MISMATCH = "OIDC Auth Failure: iss does not match the provider's issuer"
 
@@ -403,6 +407,10 @@ def browser_callback(handler: Handler) -> Handler:
         if not is_page_load(request.method, request.headers):
             return await handler(request)
         try:
+            landed = request.query.get(LANDED)
+            if landed is not None and "code" not in request.query:
+                db, _ = _registry(request)
+                return await landing(request, db, landed)  # did the session cookie stick?
             return await handler(request)
         except SidecarError as exc:
             name = request.get(keys.DB_NAME)
@@ -414,6 +422,8 @@ def browser_callback(handler: Handler) -> Handler:
                 again = await replayed_callback(request, db, _digest(state))
                 if again is not None:
                     return again
+            if isinstance(exc, StateRejected) and STATE_COOKIE not in request.cookies:
+                exc.reason += f". {NO_STATE_COOKIE_HINT}"  # for a person; API clients: as is
             exc.retry = login_path(
                 request.app[keys.SETTINGS].public_url,
                 db.name,

@@ -34,6 +34,7 @@ from sidecar.errors import (
     outside_text,
 )
 from sidecar.oidc import self_fetch
+from sidecar.sessions.origin import public_base
 
 DEFAULT_TOKEN_TTL = 3600
 MAX_TOKEN_TTL = 7 * 24 * 3600
@@ -372,12 +373,13 @@ class TestProvider:
         return handle
 
     def _issuer(self, request: web.Request, prefix: str) -> str:
-        """`scheme://host/{db}/_oidc_testing` for this request, or under `public_url`."""
+        """`scheme://host/{db}/_oidc_testing` as the client addressed it (through a trusted
+        proxy as it reports it; `sessions.origin.public_base`), or under `public_url`."""
         # Escape only what a path segment cannot hold (RFC 3986 pchar), so a db named `a$b`
         # gives the issuer a client would write by hand.
         values = {k: quote(v, safe="!$&'()*+,;=:@") for k, v in request.match_info.items()}
         path = prefix.format_map(values)
-        return (self._public_url or f"{request.scheme}://{request.host}") + path
+        return (self._public_url or public_base(request)) + path
 
     async def _params(self, request: web.Request) -> dict[str, str]:
         """Query and (for POST) urlencoded form parameters together."""

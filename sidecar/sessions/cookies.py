@@ -4,7 +4,6 @@ built here, Secure when the client reached us over TLS, and never left in a shar
 
 from __future__ import annotations
 
-import hashlib
 import re
 from email.utils import formatdate
 from http.cookies import SimpleCookie
@@ -116,9 +115,3 @@ def expire_state_cookie(request: web.Request, response: web.StreamResponse, db: 
     cookie = _cookie(request, STATE_COOKIE, "", f"/{db.name}", expires=EXPIRED, max_age=0)
     response.headers.add("Set-Cookie", cookie)
     _keep_private(response)
-
-
-def logout_csrf_token(session_id: str) -> str:
-    """The sign-out form's CSRF token: bound to the session cookie (which a cross-site page can
-    neither read nor choose), so only a page the sidecar served to this browser knows it."""
-    return hashlib.sha256(("logout-csrf:" + session_id).encode()).hexdigest()

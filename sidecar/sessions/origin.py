@@ -14,7 +14,9 @@ from aiohttp import web
 
 from sidecar import keys
 from sidecar.databases import Database
+from sidecar.errors import BadRequest
 from sidecar.headers import ClientView, client_view
+from sidecar.request_head import valid_host
 
 # RFC 6454 7 (serialized origin): scheme "://" host [ ":" port ] — no userinfo, path, query.
 _ORIGIN = re.compile(
@@ -50,8 +52,26 @@ def request_view(request: web.Request) -> ClientView:
         # blocking DNS lookup) for a request without one.
         host=request.headers.get("Host"),
         peer=request.remote,
-        trusted_networks=request.app[keys.TRUSTED_NETWORKS],
+        trusted_networks=request.app.get(keys.TRUSTED_NETWORKS, ()),
     )
+
+
+def public_base(request: web.Request) -> str:
+    """Where the sidecar's own URLs start (callback, post-logout return, the test provider's
+    issuer): `public_url` without its trailing `/`, else `scheme://host` as the client
+    addressed us (`request_view`: a trusted proxy's Forwarded / X-Forwarded-Proto / -Host).
+
+    Security: a URL is never built from a Host (or a trusted proxy's forwarded host) that
+    fails `request_head.valid_host`, nor without one: 400."""
+    settings = request.app.get(keys.SETTINGS)  # absent: the test provider mounted alone
+    if settings is not None and settings.public_url:
+        return settings.public_url.rstrip("/")
+    view = request_view(request)
+    if view.host is None:
+        raise BadRequest("no Host header: the sidecar cannot name its own URL (set public_url)")
+    if not valid_host(view.host):
+        raise BadRequest("invalid Host header")
+    return f"{'https' if view.https else 'http'}://{view.host}"
 
 
 def own_origins(request: web.Request) -> set[Origin]:

@@ -248,6 +248,14 @@ class Page:
             f"an element {selector}",
         )
 
+    async def wait_for_text(self, text: str) -> None:
+        """Until the page shows `text` (e.g. after a form posted back to the same URL)."""
+        await self._poll(
+            f"document.body !== null && document.body.innerText.includes({json.dumps(text)})",
+            lambda v: v is True,
+            f"the text {text!r}",
+        )
+
     async def text(self) -> str:
         return str(await self.evaluate("document.body ? document.body.innerText : ''"))
 

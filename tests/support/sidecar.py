@@ -62,20 +62,27 @@ class Upstream:
 
 
 @asynccontextmanager
+async def serving_app(
+    app: web.Application, port: int | None = None, *, shutdown_timeout: float = 60.0
+) -> AsyncIterator[str]:
+    """`app` served on 127.0.0.1 (`port`, else a free one) until the block ends; its URL."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    port = port or free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
 async def running_upstream() -> AsyncIterator[Upstream]:
     upstream = Upstream()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", upstream.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    upstream.url = f"http://127.0.0.1:{port}"
-    try:
+    async with serving_app(app) as upstream.url:
         yield upstream
-    finally:
-        await runner.cleanup()
 
 
 @asynccontextmanager
@@ -83,14 +90,8 @@ async def serving(handler: Handler) -> AsyncIterator[str]:
     """`handler` answering every method and path on a free 127.0.0.1 port; yields the URL."""
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    async with serving_app(app, shutdown_timeout=0.1) as url:
+        yield url
 
 
 @dataclass
