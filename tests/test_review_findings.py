@@ -390,3 +390,52 @@ async def test_oversized_cookie_header_is_not_quoted_back(upstream: Upstream) ->
     assert answer.status in (400, 431)
     assert session_id.encode() not in answer.body, answer.body
     assert json.loads(answer.body)["error"]
+
+
+# --- 10. Two tabs signing in at once -------------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="review #10: one sg-oidc-state cookie per browser: a second login started in another "
+    "tab (two protected pages opened after the session ended) makes the first fail with "
+    "'State mismatch' (oauth2-proxy names its CSRF cookie per state for this)",
+)
+async def test_two_tabs_signing_in_at_once_both_land() -> None:
+    port, admin_port = free_port(), free_port()
+    issuer = f"http://127.0.0.1:{port}/{DB}/_oidc_testing"
+    provider = {
+        "issuer": issuer,
+        "client_id": "sync_gateway",
+        "validation_key": "any",
+        "register": True,
+    }
+    config = base_config(
+        port,
+        admin_port,
+        demo_upstream=True,
+        unsupported={"oidc_test_provider": {"enabled": True}},
+        databases={DB: {"oidc": {"default_provider": "test", "providers": {"test": provider}}}},
+    )
+    base = f"http://127.0.0.1:{port}"
+    page = {"Accept": "text/html", "Sec-Fetch-Mode": "navigate"}
+    async with (
+        running_sidecar(config) as sidecar,
+        aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http,
+    ):
+        await _until_ready(sidecar)
+        callbacks = []
+        for tab in ("tab1", "tab2"):  # both logins start before either comes back
+            async with http.get(
+                f"{base}/{DB}/_oidc?rd=/{DB}/{tab}", headers=page, allow_redirects=False
+            ) as response:
+                authorize = response.headers["Location"]
+            async with http.post(
+                f"{base}/{DB}/_oidc_testing/authenticate?{authorize.split('?', 1)[1]}",
+                data={"username": "alice", "authenticated": "1"},
+                allow_redirects=False,
+            ) as response:
+                callbacks.append(response.headers["Location"])
+        async with http.get(callbacks[0], headers=page, allow_redirects=False) as response:
+            assert response.status == 302, await response.text()
+            assert response.headers["Location"].endswith(f"/{DB}/tab1")
