@@ -333,10 +333,21 @@ class _HeaderPolicy:
         return _PASS
 
 
-@functools.lru_cache(maxsize=16)  # one per configuration: built once, not per request
+_policies: dict[tuple[int, int], tuple[IdentityHeaders, tuple[str, ...], _HeaderPolicy]] = {}
+
+
 def _policy(names: IdentityHeaders, strip: tuple[str, ...]) -> _HeaderPolicy:
+    """One policy per configuration, found by the identity of its (immutable) config objects:
+    hashing a pydantic model on every request would cost more than the lookup saves."""
+    entry = _policies.get((id(names), id(strip)))
+    if entry is not None and entry[0] is names and entry[1] is strip:
+        return entry[2]
     ours = frozenset(_norm(n) for n in (names.user, names.email, names.roles, names.channels))
-    return _HeaderPolicy(ours, removed_headers(strip))
+    policy = _HeaderPolicy(ours, removed_headers(strip))
+    if len(_policies) >= 64:  # tests build many configurations; production has one
+        _policies.clear()
+    _policies[(id(names), id(strip))] = (names, strip, policy)
+    return policy
 
 
 def upstream_request_headers(
