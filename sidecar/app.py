@@ -66,13 +66,16 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app.cleanup_ctx.append(_resources)
 
     # Order matters: the Sync Gateway-compatible endpoints before the catch-all proxy routes.
-    defs = [web.get("/_health", live), web.get("/_ready", ready)]
     # The common case first, one pattern match: aiohttp's router tries `/{db}/...` resources in
     # order, and a proxied path would otherwise be matched against every endpoint below. Tails
     # starting with `_oidc` or `_session` skip it and reach their endpoints (or the catch-all).
-    defs.append(
-        web.route("*", PROXIED, proxy_handler, expect_handler=defer_continue, name="proxied")
+    # proxy_handler makes the Host/framing check itself.
+    app.add_routes(
+        observed_routes(
+            [web.route("*", PROXIED, proxy_handler, expect_handler=defer_continue, name="proxied")]
+        )
     )
+    defs = [web.get("/_health", live), web.get("/_ready", ready)]
     defs += oidc_routes.routes() + session_routes.routes()
     if settings.unsupported.oidc_test_provider.enabled:
         test_provider = TestProvider(public_url=settings.public_url)
