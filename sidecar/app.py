@@ -12,12 +12,12 @@ import aiohttp
 from aiohttp import web
 
 from sidecar import admin as admin_routes
-from sidecar import keys
+from sidecar import cors, keys
 from sidecar.admin_auth import AdminAuth
 from sidecar.config import OIDCConfig, Settings
 from sidecar.databases import Databases
 from sidecar.exchanges import Exchanges
-from sidecar.handlers import defer_continue, live, proxy_handler, ready
+from sidecar.handlers import defer_continue, live, options_handler, proxy_handler, ready
 from sidecar.identity_cache import BearerIdentities
 from sidecar.lifecycle import Lifecycle
 from sidecar.observability import Metrics
@@ -63,6 +63,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app[keys.TRUSTED_NETWORKS] = tuple(
         ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies
     )
+    app[keys.CORS] = cors.policies(settings)
     app.cleanup_ctx.append(_resources)
 
     # Order matters: the Sync Gateway-compatible endpoints before the catch-all proxy routes.
@@ -70,9 +71,12 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     # The common case first, one pattern match: aiohttp's router tries `/{db}/...` resources in
     # order, and a proxied path would otherwise be matched against every endpoint below. Tails
     # starting with `_oidc` or `_session` skip it and reach their endpoints (or the catch-all).
-    defs.append(
-        web.route("*", PROXIED, proxy_handler, expect_handler=defer_continue, name="proxied")
-    )
+    # OPTIONS has a route of its own on the same resource (a CORS preflight is answered
+    # without authentication): the method is a dict lookup, no cost to the other methods.
+    defs += [
+        web.route(method, PROXIED, handler, expect_handler=defer_continue, name="proxied")
+        for method, handler in (("OPTIONS", options_handler), ("*", proxy_handler))
+    ]
     defs += oidc_routes.routes() + session_routes.routes()
     if settings.unsupported.oidc_test_provider.enabled:
         test_provider = TestProvider(public_url=settings.public_url)
@@ -81,8 +85,9 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     # URLs from the Host); the proxied routes make it themselves, once.
     app.add_routes(observed_routes(defs, check_head=True))
     proxied = [
-        web.route("*", "/{db}", proxy_handler, expect_handler=defer_continue),
-        web.route("*", "/{db}/{tail:.*}", proxy_handler, expect_handler=defer_continue),
+        web.route(method, path, handler, expect_handler=defer_continue)
+        for path in ("/{db}", "/{db}/{tail:.*}")
+        for method, handler in (("OPTIONS", options_handler), ("*", proxy_handler))
     ]
     app.add_routes(observed_routes(proxied))
     app.add_routes(observed_routes([web.route("*", "/{tail:.*}", not_found)], check_head=True))
