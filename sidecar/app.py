@@ -23,7 +23,8 @@ from sidecar.lifecycle import Lifecycle
 from sidecar.observability import Metrics
 from sidecar.observe import not_found, observed_routes
 from sidecar.oidc import routes as oidc_routes
-from sidecar.oidc.provider import ProviderRegistry
+from sidecar.oidc import self_fetch
+from sidecar.oidc.provider import Provider, ProviderRegistry, discovery_url
 from sidecar.oidc.test_provider import TestProvider
 from sidecar.proxy import Forwarder, make_client_session
 from sidecar.sessions import routes as session_routes
@@ -164,8 +165,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         for bridge in bridges.values():
             stack.callback(store.subscribe(bridge.on_store_event))
             stack.push_async_callback(bridge.close)
+        listening = app[keys.LIFECYCLE].listening
         refreshers = [
-            asyncio.create_task(provider.run_refresh(), name=f"provider-refresh-{provider.name}")
+            asyncio.create_task(
+                _refresh(provider, listening), name=f"provider-refresh-{provider.name}"
+            )
             for registry in app[keys.DATABASES].registries()
             for provider in registry.providers
         ]
@@ -178,6 +182,19 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(stop_refreshers)
         stack.push_async_callback(exchanges.close_all)
         yield
+
+
+SELF_HOSTED_WAIT = 5.0  # seconds; a runner that never says it listens delays only this much
+
+
+async def _refresh(provider: Provider, listening: asyncio.Event) -> None:
+    """`provider`'s refresh loop. The built-in test provider is served by this process: its
+    first discovery waits until the listener is up, instead of failing (a scary warning on
+    a newcomer's first screen) and retrying."""
+    if self_fetch.headers_for(discovery_url(provider.config)):
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(listening.wait(), SELF_HOSTED_WAIT)
+    await provider.run_refresh()
 
 
 def create_admin_app(public: web.Application) -> web.Application:

@@ -98,7 +98,10 @@ def cors_config(**extra: Any) -> dict[str, Any]:
 async def start(ks: KeyServer, cors: dict[str, Any] | None = None) -> AsyncIterator[Env]:
     upstream = CorsUpstream()
     provider = {"issuer": ks.issuer, "client_id": AUDIENCE, "register": True, "user_prefix": "ks"}
-    database = {"oidc": {"providers": {"ks": provider}}, "cors": cors_config() if cors is None else cors}
+    database = {
+        "oidc": {"providers": {"ks": provider}},
+        "cors": cors_config() if cors is None else cors,
+    }
     async with serving(upstream.handle) as upstream.url:
         config = base_config(
             free_port(), free_port(), upstream=upstream.url, databases={DB: database}
