@@ -18,7 +18,7 @@ from conftest import KeyServer, admin_session
 from multidict import CIMultiDict
 from support.chromium import Chromium, executable
 from support.redis_server import free_port
-from support.sidecar import Sidecar, base_config, running_sidecar, serving
+from support.sidecar import Sidecar, base_config, running_sidecar, serving, serving_app
 
 from sidecar.config import ConfigError, parse_settings
 from sidecar.cors import METHODS
@@ -345,7 +345,8 @@ def test_cors_origins_are_kept_as_browsers_send_them() -> None:
 # ------------------------------------------------------------------ a real browser
 
 
-async def _page_server() -> web.Application:
+def _page_server() -> web.Application:
+    """A page of another origin (another port of 127.0.0.1), for the browser to run a script in."""
     app = web.Application()
 
     async def page(request: web.Request) -> web.Response:
@@ -374,12 +375,9 @@ async def test_a_browser_page_on_a_listed_origin_can_use_the_api(key_server: Key
     """Chromium, a page on origin A (another port of 127.0.0.1): a bearer PUT (preflighted)
     and a cookie GET with `credentials: 'include'` succeed when A is listed and fail (the
     browser refuses to hand the answer over) from an unlisted origin B."""
-    listed, unlisted = free_port(), free_port()
-    from support.sidecar import serving_app
-
     async with (
-        serving_app(await _page_server(), listed) as origin_a,
-        serving_app(await _page_server(), unlisted) as origin_b,
+        serving_app(_page_server()) as origin_a,
+        serving_app(_page_server()) as origin_b,
         start(key_server, cors={"origin": [origin_a]}) as env,
         Chromium.launch() as chrome,
     ):
