@@ -109,7 +109,7 @@ def test_allowed_redirect_origins_are_checked_at_load() -> None:
             base
             | {"databases": {"db": {"allowed_redirect_origins": ["https://app.example.com/x"]}}}
         )
-    assert caught.value.problems[0].startswith("databases.db.allowed_redirect_origins:")
+    assert caught.value.problems[0].startswith("databases.db.allowed_redirect_origins.0:")
     with pytest.raises(ConfigError) as caught:
         parse_settings(base | {"databases": {"db": {"browser_login": "sometimes"}}})
     assert caught.value.problems[0].startswith("databases.db.browser_login:")

@@ -42,6 +42,19 @@ def parse_origin(text: str) -> Origin | None:
     return scheme, match["host"].lower(), port
 
 
+def serialized_origin(text: str) -> str | None:
+    """`text` as browsers send it in `Origin` (RFC 6454 6.2: lowercase scheme and host, the
+    port only when it is not the scheme's default), or None when it is not an origin."""
+    origin = parse_origin(text)
+    return None if origin is None else _serialize(origin)
+
+
+def _serialize(origin: Origin) -> str:
+    scheme, host, port = origin
+    shown = port is not None and port != _DEFAULT_PORTS.get(scheme)
+    return f"{scheme}://{host}:{port}" if shown else f"{scheme}://{host}"
+
+
 def request_view(request: web.Request) -> ClientView:
     """How the client reached us (TLS? which Host?), believing trusted proxies only."""
     return client_view(
@@ -94,7 +107,7 @@ def own_origins(request: web.Request) -> set[Origin]:
 def cross_site_cookie_use(request: web.Request, db: Database, *, by_cookie: bool) -> bool:
     """The Origin policy, decided here only: True (refuse) when a request that a session
     cookie authenticates carries an `Origin` that is neither the sidecar's own nor listed in
-    `databases.<db>.cors.origin`.
+    `databases.<db>.cors.origin` (for `_session` POST/DELETE: or in `cors.login_origin`).
 
     No Origin: not a browser's cross-site request (native and command-line clients), allowed.
     Security: `null` (sandboxed pages, file: URLs), several Origin headers, or anything not
@@ -110,4 +123,7 @@ def cross_site_cookie_use(request: web.Request, db: Database, *, by_cookie: bool
         return True
     if origin in own_origins(request):
         return False
-    return origin not in {parse_origin(allowed) for allowed in db.config.cors.origin}
+    # One list for both: the CORS policy (sidecar/cors.py) of the database; a login or logout
+    # (`_session` POST/DELETE) may also come from `cors.login_origin`, a websocket (GET) not.
+    policy = request.app[keys.CORS][db.name]
+    return not policy.allows(_serialize(origin), login=request.method != "GET")
