@@ -85,6 +85,30 @@ def session_cookie(request: web.Request, name: str) -> str | None:
     return None
 
 
+def identity_from_caches(request: web.Request, db: Database) -> Identity | None:
+    """The caller's identity when this replica's caches alone prove it — the common case, a
+    session or bearer token seen moments ago — with no coroutine, lookup or I/O; else None,
+    and `authenticate` decides. Exactly as strict as `authenticate`: the same caches, under
+    the same conditions (every revocation heard, the same expiries). Malformed credentials
+    raise here as there."""
+    token = bearer_token(request)
+    app = request.app
+    store = app[keys.STORE]
+    if not store.caching:
+        return None
+    if token is not None:
+        if db.providers is None:
+            return None
+        digest = hashlib.sha256(token.encode()).digest()
+        return app[keys.BEARER_IDENTITIES].get(db.name, digest, time.time(), store.generation)
+    session_id = session_cookie(request, db.cookie_name)
+    if session_id is None:
+        return None
+    now = time.time()
+    session = store.cached_session(db.name, session_id, now)
+    return None if session is None else _session_identity(session, session_id, now)
+
+
 async def authenticate(request: web.Request, db: Database) -> Identity:
     """Prove who the caller is, or raise (401 unproven, 503 when a dependency is down)."""
     token = bearer_token(request)
@@ -145,6 +169,10 @@ async def identity_from_session(app: web.Application, db: Database, session_id: 
     session = await store.get_session(db.name, session_id, now)  # refuses malformed ids
     if session is None:
         raise Unauthorized("Session Invalid")
+    return _session_identity(session, session_id, now)
+
+
+def _session_identity(session: Session, session_id: str, now: float) -> Identity:
     identity = _identities.of(session, session_id)
     if now - session.last_renewed < COOKIE_REFRESH_WINDOW:
         identity = replace(identity, session_expires=session.expires)

@@ -7,7 +7,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from sidecar import keys
-from sidecar.auth import authenticate, login_redirect
+from sidecar.auth import authenticate, identity_from_caches, login_redirect
 from sidecar.cors import is_preflight, preflight_answer
 from sidecar.errors import Forbidden, Unauthorized
 from sidecar.exchanges import Exchange
@@ -45,7 +45,8 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     # Security: a Host or framing the upstream could read differently is refused up front.
     host = check_request_head(request.headers, request.version)
     try:
-        identity = await authenticate(request, db)  # raises: nothing below runs unauthenticated
+        # Raises: nothing below runs unauthenticated. Caches first (no coroutine), then I/O.
+        identity = identity_from_caches(request, db) or await authenticate(request, db)
     except Unauthorized:
         if (to_login := login_redirect(request, db)) is None:  # a browser: off to sign in
             raise

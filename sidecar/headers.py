@@ -228,7 +228,6 @@ def header_username(name: str) -> str:
     raise Forbidden("the user name cannot be passed upstream exactly (not visible ASCII)")
 
 
-@functools.lru_cache(maxsize=4096)  # the same few names and grants recur on every request
 def encode_value(text: str) -> str:
     """Percent-encode the UTF-8 bytes of `text` outside visible ASCII, plus "%" and ",".
 
@@ -236,7 +235,12 @@ def encode_value(text: str) -> str:
     byte) are encoded, never stripped: stripping would let "adm\\nin" pass as "admin".
     """
     if _PLAIN.fullmatch(text):
-        return text  # the common case, nothing to encode
+        return text  # the common case, nothing to encode (and no cache entry for unique ids)
+    return _encoded(text)
+
+
+@functools.lru_cache(maxsize=4096)  # the same few emails and grants recur on every request
+def _encoded(text: str) -> str:
     raw = text.encode("utf-8", "surrogatepass")  # lone surrogates are legal in JSON strings
     return "".join(chr(b) if b in _VERBATIM else f"%{b:02X}" for b in raw)
 
@@ -462,7 +466,27 @@ def upstream_request_headers(
 _NOT_RELAYED = HOP_BY_HOP | CORS_RESPONSE_HEADERS
 
 
-def downstream_response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
+_RELAY, _NOT_RELAY, _LENGTH_OF_BODY = 0, 1, 2
+_response_kinds: dict[str, int] = {}  # by header name as sent; bounded like _HeaderPolicy
+
+
+def _response_kind(name: str) -> int:
+    kind = _response_kinds.get(name)
+    if kind is None:
+        key = name.lower()
+        kind = (
+            _NOT_RELAY
+            if key in _NOT_RELAYED
+            else _LENGTH_OF_BODY
+            if key == "content-length"
+            else _RELAY
+        )
+        if len(_response_kinds) < _HeaderPolicy.LIMIT:
+            _response_kinds[name] = kind
+    return kind
+
+
+def downstream_response_headers(upstream: MultiMapping[str]) -> CIMultiDict[str]:
     """The upstream response's headers minus hop-by-hop ones and CORS grants, ready for a
     StreamResponse.
 
@@ -470,20 +494,15 @@ def downstream_response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]
     HEAD answer keeps its length). Transfer-Encoding is dropped: with no length, aiohttp
     re-chunks for HTTP/1.1 clients or closes the connection after an HTTP/1.0 body.
     """
-    items = [(name, name.lower(), value) for name, value in upstream.items()]
-    connection_named: frozenset[str] = frozenset()
-    chunked = False
-    for _, key, value in items:
-        if key == "connection":
-            connection_named |= {_norm(t.strip()) for t in value.split(",") if t.strip()}
-        elif key == "transfer-encoding":
-            chunked = True
+    connection_named = _connection_tokens(upstream)
+    chunked = "Transfer-Encoding" in upstream
     out: CIMultiDict[str] = CIMultiDict()
-    for name, key, value in items:
-        if key in _NOT_RELAYED or key in connection_named:
-            continue
-        if key == "content-length" and chunked:  # RFC 9112 6.3: Transfer-Encoding wins
-            continue
+    for name, value in upstream.items():
+        kind = _response_kind(name)
+        if kind == _NOT_RELAY or (kind == _LENGTH_OF_BODY and chunked):
+            continue  # RFC 9112 6.3: with Transfer-Encoding, its chunks give the length
+        if connection_named and _norm(name) in connection_named:
+            continue  # RFC 9110 7.6.1: named hop-by-hop by the sender
         out.add(name, value)
     return out
 

@@ -96,11 +96,9 @@ def observed(handler: Handler, *, check_head: bool = False) -> Handler:
     (the proxied routes check it themselves, once, in `handlers.proxy_handler`)."""
 
     inner = _head_checked(handler) if check_head else handler
-
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        return await observe(request, inner)
-
-    return wrapped
+    # A partial, not a wrapping coroutine: one coroutine frame less per request (aiohttp sees
+    # through partials to the coroutine function).
+    return functools.partial(observe, handler=inner)
 
 
 def _head_checked(handler: Handler) -> Handler:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -167,18 +167,19 @@ class Forwarder:
         self._ws_close_timeout = ws_close_timeout
         self._poll = disconnect_poll_interval
 
-    async def http(
+    def http(
         self,
         request: web.Request,
         target_url: URL,
         headers: CIMultiDict[str],
         *,
         before_send: Callable[[web.StreamResponse], None] | None = None,
-    ) -> web.StreamResponse:
+    ) -> Awaitable[web.StreamResponse]:
         """Forward `request` (any method) to `target_url` with `headers`; stream the answer.
 
         `before_send` gets a streamed answer just before its headers go out; an answer small
-        enough to be returned whole comes back unprepared for the caller to finish.
+        enough to be returned whole comes back unprepared for the caller to finish. (A plain
+        function returning the awaitable: one coroutine frame less per request.)
         """
         length = request.content_length
         if self._max_body is not None and length is not None and length > self._max_body:
@@ -187,11 +188,23 @@ class Forwarder:
         if self._poll is None:
             # The server runs with handler_cancellation: a client that goes away cancels this
             # handler, and _forward's cleanup closes the upstream connection. No watcher task.
-            return await self._forward(request, target_url, headers, started, before_send)
+            return self._forward(request, target_url, headers, started, before_send)
+        return self._watched(request, target_url, headers, started, before_send)
+
+    async def _watched(
+        self,
+        request: web.Request,
+        target_url: URL,
+        headers: CIMultiDict[str],
+        started: list[web.StreamResponse],
+        before_send: Callable[[web.StreamResponse], None] | None,
+    ) -> web.StreamResponse:
+        """`_forward` with a watcher that cancels it when the client goes away (servers run
+        without handler_cancellation)."""
         forward = asyncio.ensure_future(
             self._forward(request, target_url, headers, started, before_send)
         )
-        watch = asyncio.ensure_future(_until_client_gone(request, self._poll))
+        watch = asyncio.ensure_future(_until_client_gone(request, self._poll or 1.0))
         try:
             await asyncio.wait((forward, watch), return_when=asyncio.FIRST_COMPLETED)
         finally:

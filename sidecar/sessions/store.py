@@ -218,6 +218,17 @@ class SessionStore(ABC):
             session = changed
         return session_id, session
 
+    def cached_session(self, db: str, session_id: str, now: float) -> Session | None:
+        """The session from this replica's cache when the cache alone may answer: every
+        revocation is being heard, the record is cached, live, of `db`, and no extension is
+        due. None means only that `get_session` must decide (it makes the same checks)."""
+        if not self._listening or not is_well_formed_session_id(session_id):
+            return None
+        session = self._cache.session(hash_session_id(session_id), now)
+        if session is None or session.db != db or session.expires <= now:
+            return None
+        return None if needs_extension(session, now) else session
+
     async def get_session(self, db: str, session_id: str, now: float) -> Session | None:
         """The live session for a cookie value, extended when due; None if unknown/expired.
 
