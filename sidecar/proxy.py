@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiohttp
-from aiohttp import WSCloseCode, WSMsgType, web
-from multidict import CIMultiDict
+from aiohttp import WSCloseCode, WSMsgType, hdrs, web
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sidecar.errors import (
@@ -37,6 +38,47 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"; 
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
 # Close codes that must never appear in a Close frame (RFC 6455 7.4.1).
 _UNSENDABLE_CLOSE_CODES = frozenset({1004, 1005, 1006, 1015})
+# Control characters RFC 9110 5.5 forbids in field values (and RFC 9112 4 in a reason phrase);
+# aiohttp's writer refuses to send them, so an answer holding one cannot be relayed.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class _RelayedStream(web.StreamResponse):
+    """An upstream's answer: aiohttp adds no header the upstream did not send, neither its
+    default `Content-Type: application/octet-stream` nor a `Server` header (Date it may add:
+    RFC 9110 6.6.1 asks that of a proxy relaying an answer without one)."""
+
+    async def _prepare_headers(self) -> None:
+        headers = self._headers
+        typed = hdrs.CONTENT_TYPE in headers
+        named = hdrs.SERVER in headers
+        await super()._prepare_headers()
+        if not typed:
+            headers.popall(hdrs.CONTENT_TYPE, None)
+        if not named:
+            headers.popall(hdrs.SERVER, None)
+
+
+class _RelayedResponse(_RelayedStream, web.Response):
+    """An upstream's small answer, relayed in one piece (see _RelayedStream)."""
+
+
+class _DeclinedProtocolsFilter(logging.Filter):
+    """Drops aiohttp's warning that a client's WebSocket subprotocols "don't overlap" the
+    server's. The sidecar has none of its own: it offers the upstream what the client offered
+    and answers the client with the upstream's choice, and choosing none is the upstream's
+    right (RFC 6455 4.2.2), not a fault worth a warning per connection."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and "don’t overlap server-known" in record.msg)
+
+
+logging.getLogger("aiohttp.websocket").addFilter(_DeclinedProtocolsFilter())
+
+
+def _control_in_values(headers: CIMultiDictProxy[str]) -> bool:
+    # isprintable() first: a C scan that is True for almost every value (even non-ASCII).
+    return any(not value.isprintable() and _CONTROL.search(value) for value in headers.values())
 
 
 def make_client_session(
@@ -239,12 +281,29 @@ class Forwarder:
             log.warning("upstream %s %s failed: %r", request.method, url.path, exc)
             raise _upstream_failure(exc) from exc
 
+        status, reason = upstream.status, upstream.reason
+        if (
+            not 200 <= status <= 599  # 1xx are interim (101 without an upgrade: a desync)
+            or (reason and not reason.isprintable() and _CONTROL.search(reason))
+            # httptools refuses control characters in field values; aiohttp's lenient parser
+            # lets them through.
+            or (self._h1 is None and _control_in_values(upstream.headers))
+        ):
+            upstream.close()  # never reused
+            log.warning(
+                "upstream %s %s answered an invalid status line or header: %r %r",
+                request.method,
+                url.path,
+                status,
+                reason,
+            )
+            raise UpstreamError("upstream unavailable: invalid response")
         length = upstream.content_length
         if (
             length is not None
             and length <= SMALL_BODY
             and request.method != "HEAD"
-            and upstream.status not in (204, 304)
+            and status not in (204, 304)
         ):
             # Small answers (most sync traffic) in one piece: one write instead of a stream.
             try:
@@ -253,15 +312,15 @@ class Forwarder:
                 upstream.close()
                 raise _upstream_failure(exc) from exc
             upstream.release()
-            return web.Response(
-                status=upstream.status,
-                reason=upstream.reason,
+            return _RelayedResponse(
+                status=status,
+                reason=reason,
                 headers=downstream_response_headers(upstream.headers),
                 body=payload,
             )
-        response = web.StreamResponse(
-            status=upstream.status,
-            reason=upstream.reason,
+        response = _RelayedStream(
+            status=status,
+            reason=reason,
             headers=downstream_response_headers(upstream.headers),
         )
         complete = False
@@ -301,14 +360,15 @@ class Forwarder:
         leg with 1009. `on_open` receives the client socket once upgraded; calling
         `close(code=..., message=...)` on it closes the upstream with the same code and reason.
         """
-        if not web.WebSocketResponse().can_prepare(request):
-            raise BadRequest("not a WebSocket upgrade request")
         offered = [
             token.strip()
             for value in request.headers.getall("Sec-WebSocket-Protocol", ())
             for token in value.split(",")
             if token.strip()
         ]
+        # The probe knows the client's protocols, or aiohttp warns that they "don't overlap".
+        if not web.WebSocketResponse(protocols=offered).can_prepare(request):
+            raise BadRequest("not a WebSocket upgrade request")
         try:
             async with asyncio.timeout(self._handshake_timeout):
                 upstream = await self._session.ws_connect(

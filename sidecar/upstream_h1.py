@@ -144,7 +144,15 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # httptools joins the pieces of a header that arrived split before calling this.
-        self._headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        if self._headers_done:
+            # A chunked body's trailer fields: dropped, as aiohttp's client does (RFC 9110
+            # 6.5.1: never merged into the header section, which has already gone out).
+            return
+        # Decoded as aiohttp's parser does, so the bytes reach the client unchanged (its
+        # writer encodes UTF-8; invalid UTF-8 bytes become surrogates, which it leaves out).
+        self._headers.add(
+            name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
+        )
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -166,7 +174,7 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_status(self, status: bytes) -> None:
-        self._reason = status.decode("latin-1", "replace")
+        self._reason = status.decode("utf-8", "surrogateescape")
 
     def on_body(self, body: bytes) -> None:
         if self._head_only:
