@@ -76,9 +76,13 @@ class _DeclinedProtocolsFilter(logging.Filter):
 logging.getLogger("aiohttp.websocket").addFilter(_DeclinedProtocolsFilter())
 
 
-def _control_in_values(headers: CIMultiDictProxy[str]) -> bool:
+# Bytes that are not UTF-8, as aiohttp's parser decodes them (surrogateescape).
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+
+
+def _any_value(headers: CIMultiDict[str] | CIMultiDictProxy[str], pattern: re.Pattern[str]) -> bool:
     # isprintable() first: a C scan that is True for almost every value (even non-ASCII).
-    return any(not value.isprintable() and _CONTROL.search(value) for value in headers.values())
+    return any(not value.isprintable() and pattern.search(value) for value in headers.values())
 
 
 def make_client_session(
@@ -262,6 +266,11 @@ class Forwarder:
                     request.method, url, headers, body.chunks() if body is not None else None
                 )
             else:
+                if _any_value(headers, _NOT_UTF8):
+                    # Security: aiohttp's client would leave those bytes out, so the upstream
+                    # would read a value the sidecar never checked ("Sess\xffion" as "Session").
+                    # httptools' transport sends them unchanged.
+                    raise BadRequest("header value is not UTF-8")
                 upstream = await self._session.request(
                     request.method,
                     url,
@@ -287,7 +296,7 @@ class Forwarder:
             or (reason and not reason.isprintable() and _CONTROL.search(reason))
             # httptools refuses control characters in field values; aiohttp's lenient parser
             # lets them through.
-            or (self._h1 is None and _control_in_values(upstream.headers))
+            or (self._h1 is None and _any_value(upstream.headers, _CONTROL))
         ):
             upstream.close()  # never reused
             log.warning(
@@ -369,6 +378,8 @@ class Forwarder:
         # The probe knows the client's protocols, or aiohttp warns that they "don't overlap".
         if not web.WebSocketResponse(protocols=offered).can_prepare(request):
             raise BadRequest("not a WebSocket upgrade request")
+        if _any_value(headers, _NOT_UTF8):  # as in _forward: aiohttp would leave them out
+            raise BadRequest("header value is not UTF-8")
         try:
             async with asyncio.timeout(self._handshake_timeout):
                 upstream = await self._session.ws_connect(

@@ -266,6 +266,48 @@ async def test_chunked_answer(raw, pool: H1Pool) -> None:
     assert upstream.connections == 1
 
 
+async def test_trailers_are_dropped(raw, pool: H1Pool) -> None:
+    """RFC 9110 6.5.1: trailer fields are never merged into the header section."""
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Head: h\r\n\r\n"
+        b"2\r\nok\r\n0\r\nX-Trailer: t\r\nSet-Cookie: planted=1\r\n\r\n"
+    )
+    upstream = await start_serving(raw, chunked)
+    for _ in range(2):
+        response = await pool.request("GET", upstream.url, CIMultiDict(), None)
+        assert await response.read() == b"ok"
+        response.release()
+        assert response.headers["X-Head"] == "h"
+        assert "X-Trailer" not in response.headers and "Set-Cookie" not in response.headers
+    assert upstream.connections == 1
+
+
+async def test_non_ascii_bytes_are_decoded_as_aiohttp_does(raw, pool: H1Pool) -> None:
+    """UTF-8 with surrogateescape, as aiohttp's parser: its writer then sends valid UTF-8
+    unchanged (latin-1 here would double-encode it)."""
+    upstream = await start_serving(
+        raw,
+        b"HTTP/1.1 200 Caf\xc3\xa9\r\nX-A: caf\xc3\xa9\r\nX-B: caf\xe9\r\nContent-Length: 0\r\n\r\n",
+    )
+    response = await pool.request("GET", upstream.url, CIMultiDict(), None)
+    await response.read()
+    response.release()
+    assert response.reason == "Café"
+    assert response.headers["X-A"] == "café"
+    assert response.headers["X-B"] == "caf\udce9"
+
+
+async def test_request_header_bytes_are_sent_unchanged(raw, pool: H1Pool) -> None:
+    """Valid UTF-8 as aiohttp's client sends it; bytes that are not UTF-8 (surrogates, as
+    aiohttp's server decodes them) as they came, where aiohttp's client would leave them out."""
+    upstream = await start_serving(raw, answer())
+    headers = CIMultiDict({"X-A": "café", "X-B": "caf\udce9", "X-C": "a\tb"})
+    response = await pool.request("GET", upstream.url, headers, None)
+    await response.read()
+    response.release()
+    assert b"\r\nX-A: caf\xc3\xa9\r\nX-B: caf\xe9\r\nX-C: a\tb\r\n" in upstream.requests[0]
+
+
 @pytest.mark.parametrize(
     "response",
     [
