@@ -16,6 +16,9 @@ from typing import Any, Literal
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, hdrs, web
+from aiohttp.client_reqrep import ConnectionKey
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -85,6 +88,21 @@ def _any_value(headers: CIMultiDict[str] | CIMultiDictProxy[str], pattern: re.Pa
     return any(not value.isprintable() and pattern.search(value) for value in headers.values())
 
 
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's pool, but a connection the upstream wrote to while it was idle is closed,
+    not reused. aiohttp parses such bytes into a queued answer that the next request on the
+    connection would read as its own, and every answer after it would be one request late:
+    upstream answers reaching the wrong clients. (httptools' transport: upstream_h1.py.)"""
+
+    async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
+        while (conn := await super()._get(key, traces)) is not None:
+            protocol = conn.protocol
+            if protocol is not None and not protocol.should_close:
+                return conn
+            conn.close()  # its protocol holds bytes nobody asked for: closed, never reused
+        return None
+
+
 def make_client_session(
     *,
     connect_timeout: float,
@@ -100,9 +118,7 @@ def make_client_session(
     continuous _changes feeds each hold a connection for as long as they live.
     """
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(
-            limit=limit, limit_per_host=0, keepalive_timeout=keepalive_timeout
-        ),
+        connector=_Connector(limit=limit, limit_per_host=0, keepalive_timeout=keepalive_timeout),
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         timeout=_client_timeout(connect_timeout, read_timeout),

@@ -837,6 +837,40 @@ async def test_request_header_bytes_reach_the_upstream_unchanged(make_proxy: Mak
         assert b"\r\n" + cookie in heads[1]
 
 
+async def test_bytes_on_an_idle_upstream_connection_close_it(make_proxy: MakeProxy) -> None:
+    """Security: an answer nobody asked for (a late second answer to one request) is never
+    read as the next request's answer, nor does it shift every later answer by one."""
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        first = connections == 1
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\n" + _length(b"one" if first else b"two"))
+                if first:
+                    await asyncio.sleep(0.05)
+                    writer.write(b"HTTP/1.1 200 OK\r\n" + _length(b"EVIL"))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        proxy = await make_proxy(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        bodies = []
+        for _ in range(3):
+            bodies.append((await raw_http(proxy.port, "/x")).body)
+            await asyncio.sleep(0.2)
+    finally:
+        server.close()
+    assert bodies == [b"one", b"two", b"two"]
+    assert connections == 2
+
+
 async def test_the_sidecars_own_answers_name_no_versions(upstream: Upstream) -> None:
     config = base_config(free_port(), free_port(), upstream=upstream.base, databases={"db": {}})
     async with running_sidecar(config) as sidecar:
