@@ -416,7 +416,8 @@ class H1Pool:
         the loop later every connection whose socket had such bytes has seen them and closed
         (data on a connection with no exchange closes it), so they are never read as the
         answer to the next request. One pair of callbacks per loop turn, for all connections
-        released in it (uvloop polls between the two; asyncio's loop before the second).
+        released in it: uvloop polls the sockets before each of them; asyncio's loop runs
+        the first before, the second after, one turn's socket callbacks.
         """
         self._settling.append(conn)
         if not self._settle_scheduled:
