@@ -9,7 +9,7 @@ import logging
 from collections.abc import AsyncIterator
 
 import aiohttp
-from aiohttp import web
+from aiohttp import web, web_response
 
 from sidecar import admin as admin_routes
 from sidecar import cors, keys
@@ -33,6 +33,13 @@ from sidecar.sgbridge import SessionBridge
 from sidecar.upstream_h1 import H1Pool
 
 log = logging.getLogger("sidecar")
+
+# Security: the sidecar's own answers (and aiohttp's, such as its 400 for a malformed request)
+# name no software versions. aiohttp has no setting for its `Server: Python/3.x aiohttp/3.x`;
+# it reads this module global for every answer. Relayed answers carry the upstream's own Server
+# header or none (sidecar/proxy.py).
+SERVER_NAME = "oidc-sidecar"
+web_response.SERVER_SOFTWARE = SERVER_NAME  # type: ignore[attr-defined]  # not re-exported
 
 PROXIED = "/{db}/{tail:(?!_oidc|_session).*}"
 MAX_FIELD_SIZE = 24 * 1024

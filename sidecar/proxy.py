@@ -9,13 +9,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiohttp
-from aiohttp import WSCloseCode, WSMsgType, web
-from multidict import CIMultiDict
+from aiohttp import WSCloseCode, WSMsgType, hdrs, web
+from aiohttp.client_reqrep import ConnectionKey
+from aiohttp.connector import Connection
+from aiohttp.tracing import Trace
+from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sidecar.errors import (
@@ -37,6 +41,66 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"; 
 _SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
 # Close codes that must never appear in a Close frame (RFC 6455 7.4.1).
 _UNSENDABLE_CLOSE_CODES = frozenset({1004, 1005, 1006, 1015})
+# Control characters RFC 9110 5.5 forbids in field values (and RFC 9112 4 in a reason phrase);
+# aiohttp's writer refuses to send them, so an answer holding one cannot be relayed.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+class _RelayedStream(web.StreamResponse):
+    """An upstream's answer: aiohttp adds no header the upstream did not send, neither its
+    default `Content-Type: application/octet-stream` nor a `Server` header (Date it may add:
+    RFC 9110 6.6.1 asks that of a proxy relaying an answer without one)."""
+
+    async def _prepare_headers(self) -> None:
+        headers = self._headers
+        typed = hdrs.CONTENT_TYPE in headers
+        named = hdrs.SERVER in headers
+        await super()._prepare_headers()
+        if not typed:
+            headers.popall(hdrs.CONTENT_TYPE, None)
+        if not named:
+            headers.popall(hdrs.SERVER, None)
+
+
+class _RelayedResponse(_RelayedStream, web.Response):
+    """An upstream's small answer, relayed in one piece (see _RelayedStream)."""
+
+
+class _DeclinedProtocolsFilter(logging.Filter):
+    """Drops aiohttp's warning that a client's WebSocket subprotocols "don't overlap" the
+    server's. The sidecar has none of its own: it offers the upstream what the client offered
+    and answers the client with the upstream's choice, and choosing none is the upstream's
+    right (RFC 6455 4.2.2), not a fault worth a warning per connection."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str) and "don’t overlap server-known" in record.msg)
+
+
+logging.getLogger("aiohttp.websocket").addFilter(_DeclinedProtocolsFilter())
+
+
+# Bytes that are not UTF-8, as aiohttp's parser decodes them (surrogateescape).
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")
+
+
+def _any_value(headers: CIMultiDict[str] | CIMultiDictProxy[str], pattern: re.Pattern[str]) -> bool:
+    # isprintable() first: a C scan that is True for almost every value (even non-ASCII).
+    return any(not value.isprintable() and pattern.search(value) for value in headers.values())
+
+
+class _Connector(aiohttp.TCPConnector):
+    """aiohttp's pool, but a connection the upstream wrote to while it was idle is closed,
+    not reused. aiohttp parses such bytes into a queued answer that the next request on the
+    connection would read as its own, and every answer after it would be one request late:
+    upstream answers reaching the wrong clients. (httptools' transport: upstream_h1.py.)"""
+
+    async def _get(self, key: ConnectionKey, traces: list[Trace]) -> Connection | None:
+        while (conn := await super()._get(key, traces)) is not None:
+            protocol = conn.protocol
+            if protocol is not None and not protocol.should_close:
+                return conn
+            conn.close()  # its protocol holds bytes nobody asked for: closed, never reused
+        return None
 
 
 def make_client_session(
@@ -54,9 +118,7 @@ def make_client_session(
     continuous _changes feeds each hold a connection for as long as they live.
     """
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(
-            limit=limit, limit_per_host=0, keepalive_timeout=keepalive_timeout
-        ),
+        connector=_Connector(limit=limit, limit_per_host=0, keepalive_timeout=keepalive_timeout),
         cookie_jar=aiohttp.DummyCookieJar(),
         auto_decompress=False,
         timeout=_client_timeout(connect_timeout, read_timeout),
@@ -233,6 +295,11 @@ class Forwarder:
                     request.method, url, headers, body.chunks() if body is not None else None
                 )
             else:
+                if _any_value(headers, _NOT_UTF8):
+                    # Security: aiohttp's client would leave those bytes out, so the upstream
+                    # would read a value the sidecar never checked ("Sess\xffion" as "Session").
+                    # httptools' transport sends them unchanged.
+                    raise BadRequest("header value is not UTF-8")
                 upstream = await self._session.request(
                     request.method,
                     url,
@@ -252,12 +319,29 @@ class Forwarder:
             log.warning("upstream %s %s failed: %r", request.method, url.path, exc)
             raise _upstream_failure(exc) from exc
 
+        status, reason = upstream.status, upstream.reason
+        if (
+            not 200 <= status <= 599  # 1xx are interim (101 without an upgrade: a desync)
+            or (reason and not reason.isprintable() and _CONTROL.search(reason))
+            # httptools refuses control characters in field values; aiohttp's lenient parser
+            # lets them through.
+            or (self._h1 is None and _any_value(upstream.headers, _CONTROL))
+        ):
+            upstream.close()  # never reused
+            log.warning(
+                "upstream %s %s answered an invalid status line or header: %r %r",
+                request.method,
+                url.path,
+                status,
+                reason,
+            )
+            raise UpstreamError("upstream unavailable: invalid response")
         length = upstream.content_length
         if (
             length is not None
             and length <= SMALL_BODY
             and request.method != "HEAD"
-            and upstream.status not in (204, 304)
+            and status not in (204, 304)
         ):
             # Small answers (most sync traffic) in one piece: one write instead of a stream.
             try:
@@ -266,15 +350,15 @@ class Forwarder:
                 upstream.close()
                 raise _upstream_failure(exc) from exc
             upstream.release()
-            return web.Response(
-                status=upstream.status,
-                reason=upstream.reason,
+            return _RelayedResponse(
+                status=status,
+                reason=reason,
                 headers=downstream_response_headers(upstream.headers),
                 body=payload,
             )
-        response = web.StreamResponse(
-            status=upstream.status,
-            reason=upstream.reason,
+        response = _RelayedStream(
+            status=status,
+            reason=reason,
             headers=downstream_response_headers(upstream.headers),
         )
         complete = False
@@ -314,14 +398,17 @@ class Forwarder:
         leg with 1009. `on_open` receives the client socket once upgraded; calling
         `close(code=..., message=...)` on it closes the upstream with the same code and reason.
         """
-        if not web.WebSocketResponse().can_prepare(request):
-            raise BadRequest("not a WebSocket upgrade request")
         offered = [
             token.strip()
             for value in request.headers.getall("Sec-WebSocket-Protocol", ())
             for token in value.split(",")
             if token.strip()
         ]
+        # The probe knows the client's protocols, or aiohttp warns that they "don't overlap".
+        if not web.WebSocketResponse(protocols=offered).can_prepare(request):
+            raise BadRequest("not a WebSocket upgrade request")
+        if _any_value(headers, _NOT_UTF8):  # as in _forward: aiohttp would leave them out
+            raise BadRequest("header value is not UTF-8")
         try:
             async with asyncio.timeout(self._handshake_timeout):
                 upstream = await self._session.ws_connect(

@@ -7,11 +7,22 @@ redirects, per-request objects) and costs for it on every request; this does onl
 Guarantees (the same as the ClientSession path): bodies stream both ways with backpressure
 (the upstream socket stops being read while the client is slow; the client's body is sent no
 faster than the upstream takes it); Content-Length and chunked bodies; 1xx interim answers are
-skipped; `connect` bounds connecting, `read` the longest silence of the upstream; a connection
-is reused only after an exchange that was read completely and that both sides agreed to keep
-alive. Security (request smuggling into the upstream): a response that does not fit its
-request — bytes after its end, data on an idle connection, an unexpected upgrade, a parse
-error — closes the connection, so nothing can be read as the answer to a later request.
+skipped; trailer fields are dropped (RFC 9110 6.5.1); header bytes are decoded as aiohttp's
+parser does (UTF-8, surrogateescape) so they reach the client as they came; `connect` bounds
+connecting, `read` the longest silence of the upstream; a connection is reused only after an
+exchange that was read completely and that both sides agreed to keep alive.
+
+Security (a response queue out of step with the requests): a response that does not fit its
+request — bytes after its end, an unexpected upgrade, a parse error — closes the connection,
+and so do bytes arriving on a connection with no exchange in progress. A released connection
+becomes idle only two turns of the event loop later (H1Pool.settle), so bytes an upstream sent
+just after a complete answer, still in the kernel when the exchange ended, close it instead of
+being read as the next request's answer. What no HTTP/1.1 pool can do (nginx's and HAProxy's
+neither): bytes that arrive only after the next request went out on the connection cannot be
+told apart from its answer. An upstream that answers one request twice, the second time late,
+can thus answer a later request on that connection; the answer that follows then finds bytes
+after its end and the connection closes. Clean request framing (the sidecar re-frames every
+body) keeps clients from making the upstream do that.
 WebSocket upgrades stay on aiohttp's client (see Forwarder.websocket).
 """
 
@@ -144,7 +155,15 @@ class _Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         # httptools joins the pieces of a header that arrived split before calling this.
-        self._headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        if self._headers_done:
+            # A chunked body's trailer fields: dropped, as aiohttp's client does (RFC 9110
+            # 6.5.1: never merged into the header section, which has already gone out).
+            return
+        # Decoded as aiohttp's parser does, so the bytes reach the client unchanged (its
+        # writer encodes UTF-8; invalid UTF-8 bytes become surrogates, which it leaves out).
+        self._headers.add(
+            name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")
+        )
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -166,7 +185,7 @@ class _Connection(asyncio.Protocol):
         self._wake()
 
     def on_status(self, status: bytes) -> None:
-        self._reason = status.decode("latin-1", "replace")
+        self._reason = status.decode("utf-8", "surrogateescape")
 
     def on_body(self, body: bytes) -> None:
         if self._head_only:
@@ -267,7 +286,7 @@ class _Connection(asyncio.Protocol):
         if reuse and self._complete and self._keep_alive_ok and not self._chunks:
             self.busy = False
             self.reused = True
-            self._pool.put_idle(self)
+            self._pool.settle(self)
         else:
             self.close()
 
@@ -384,8 +403,36 @@ class H1Pool:
         self._idle: dict[tuple[str, int, bool], list[_Connection]] = {}
         self._all: set[_Connection] = set()
         self._ssl: ssl.SSLContext | None = None
+        self._settling: list[_Connection] = []
+        self._settle_scheduled = False
 
     # -- the pool ---------------------------------------------------------------------------
+
+    def settle(self, conn: _Connection) -> None:
+        """A connection whose exchange ended cleanly: idle once the loop has polled its socket.
+
+        Security: bytes the upstream sent after a complete answer (a second answer to one
+        request: a desync) may still be in the kernel when the exchange ends. Two turns of
+        the loop later every connection whose socket had such bytes has seen them and closed
+        (data on a connection with no exchange closes it), so they are never read as the
+        answer to the next request. One pair of callbacks per loop turn, for all connections
+        released in it: uvloop polls the sockets before each of them; asyncio's loop runs
+        the first before, the second after, one turn's socket callbacks.
+        """
+        self._settling.append(conn)
+        if not self._settle_scheduled:
+            self._settle_scheduled = True
+            asyncio.get_running_loop().call_soon(self._settle_turn)
+
+    def _settle_turn(self) -> None:
+        batch, self._settling = self._settling, []
+        self._settle_scheduled = False
+        asyncio.get_running_loop().call_soon(self._put_idle_all, batch)
+
+    def _put_idle_all(self, batch: list[_Connection]) -> None:
+        for conn in batch:
+            if not conn.closed and not conn.busy:
+                self.put_idle(conn)
 
     def put_idle(self, conn: _Connection) -> None:
         idle = self._idle.setdefault(conn.key, [])

@@ -6,10 +6,12 @@ import asyncio
 import gzip
 import hashlib
 import json
+import logging
 import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +19,10 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestServer
+from conftest import raw_exchange, raw_http
 from multidict import CIMultiDict
+from support.redis_server import free_port
+from support.sidecar import base_config, running_sidecar
 from yarl import URL
 
 from sidecar.config import IdentityHeaders
@@ -234,6 +239,7 @@ async def upstream(aiohttp_server: Any) -> Upstream:
 class Proxy:
     port: int
     opened: list[web.WebSocketResponse]
+    transport: str  # the upstream transport: "aiohttp" or "h1"
 
     def url(self, raw: str) -> URL:
         return URL(f"http://127.0.0.1:{self.port}{raw}", encoded=True)
@@ -306,7 +312,7 @@ async def make_proxy(request: pytest.FixtureRequest) -> AsyncIterator[MakeProxy]
         runners.append(runner)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
-        return Proxy(runner.addresses[0][1], opened)
+        return Proxy(runner.addresses[0][1], opened, request.param)
 
     yield make
     for runner in runners:
@@ -660,6 +666,229 @@ async def test_streamed_body_too_large(
         assert resp.status == 413
 
 
+# --------------------------------------------------------------------------- what the upstream answers
+
+
+@asynccontextmanager
+async def _answering(response: bytes) -> AsyncIterator[tuple[str, list[bytes]]]:
+    """A raw upstream answering every request with exactly `response` (keep-alive); it lists
+    the request heads it read."""
+    heads: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                heads.append(await reader.readuntil(b"\r\n\r\n"))
+                writer.write(response)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", heads
+    finally:
+        server.close()
+
+
+async def _raw_get(port: int, headers: bytes = b"") -> bytes:
+    """The client's view, byte for byte: status line, header section and body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: h\r\n" + headers + b"Connection: close\r\n\r\n")
+    data = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return data
+
+
+def _length(body: bytes) -> bytes:
+    return b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+def _chunked(body: bytes) -> bytes:
+    return b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 O\x01K\r\n" + _length(b"ok"),
+        b"HTTP/1.1 200 O\x01K\r\n" + _chunked(b"ok"),
+        b"HTTP/1.1 200 O\x7fK\r\n" + _length(b"ok"),
+        b"HTTP/1.1 200 OK\r\nX-A: a\x01b\r\n" + _length(b"ok"),
+        b"HTTP/1.1 200 OK\r\nX-A: a\x7fb\r\n" + _chunked(b"ok"),
+        b"HTTP/1.1 000 Zero\r\n" + _length(b"ok"),
+        b"HTTP/1.1 999 Nine\r\n" + _length(b"ok"),
+        b"HTTP/1.1 600 Six\r\n" + _chunked(b"ok"),
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n",
+    ],
+    ids=[
+        "reason-ctl",
+        "reason-ctl-streamed",
+        "reason-del",
+        "value-ctl",
+        "value-del-streamed",
+        "status-0",
+        "status-999",
+        "status-600",
+        "unasked-101",
+    ],
+)
+async def test_answers_aiohttp_cannot_write_are_502(
+    make_proxy: MakeProxy, caplog: pytest.LogCaptureFixture, answer: bytes
+) -> None:
+    """Never a traceback and a cut connection: a clean 502 before anything was sent."""
+    async with _answering(answer) as (base, _):
+        proxy = await make_proxy(base)
+        with caplog.at_level(logging.WARNING):
+            got = await raw_http(proxy.port, "/x")
+    assert got.status == 502
+    assert got.json() == {
+        "error": "Bad Gateway",
+        "reason": "upstream unavailable: invalid response",
+    }
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        # Reason phrases and field values the writer can send arrive byte for byte.
+        (b"HTTP/1.1 200 O\tK\r\n" + _length(b"ok"), b"HTTP/1.1 200 O\tK\r\n"),
+        (b"HTTP/1.1 299 Caf\xc3\xa9\r\n" + _length(b"ok"), b"HTTP/1.1 299 Caf\xc3\xa9\r\n"),
+        (
+            b"HTTP/1.1 200 OK\r\nX-Name: caf\xc3\xa9\r\n" + _length(b"ok"),
+            b"\r\nX-Name: caf\xc3\xa9\r\n",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nX-Name: caf\xc3\xa9\r\n" + _chunked(b"ok"),
+            b"\r\nX-Name: caf\xc3\xa9\r\n",
+        ),
+        (b"HTTP/1.1 200 OK\r\nX-Tab: a\tb\r\n" + _length(b"ok"), b"\r\nX-Tab: a\tb\r\n"),
+        # The upstream's own Server and Content-Type are kept.
+        (
+            b"HTTP/1.1 200 OK\r\nServer: upstream/1\r\n" + _length(b"ok"),
+            b"\r\nServer: upstream/1\r\n",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/x\r\n" + _chunked(b"ok"),
+            b"\r\nContent-Type: text/x\r\n",
+        ),
+    ],
+    ids=[
+        "reason-tab",
+        "reason-utf8",
+        "value-utf8",
+        "value-utf8-streamed",
+        "value-tab",
+        "server",
+        "type",
+    ],
+)
+async def test_answers_pass_unchanged(
+    make_proxy: MakeProxy, answer: bytes, expected: bytes
+) -> None:
+    async with _answering(answer) as (base, _):
+        proxy = await make_proxy(base)
+        data = await _raw_get(proxy.port)
+    assert expected in data.split(b"\r\n\r\n")[0] + b"\r\n", data
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\n" + _length(b"ok"),
+        b"HTTP/1.1 200 OK\r\n" + _chunked(b"ok"),
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\nX-Trailer: t\r\nSet-Cookie: planted=1\r\nContent-Type: text/evil\r\n\r\n",
+    ],
+    ids=["small", "streamed", "trailers"],
+)
+async def test_nothing_is_added_to_an_answer(make_proxy: MakeProxy, answer: bytes) -> None:
+    """A transparent proxy adds no Content-Type (aiohttp's default application/octet-stream)
+    and no Server header, and trailers never become header fields (RFC 9110 6.5.1)."""
+    async with _answering(answer) as (base, _):
+        proxy = await make_proxy(base)
+        got = await raw_http(proxy.port, "/x")
+        again = await raw_http(proxy.port, "/x")  # the same pooled connection: still clean
+    for answered in (got, again):
+        assert answered.status == 200 and answered.body == b"ok"
+        names = {name.lower() for name, _ in answered.headers}
+        assert names & {"content-type", "server", "x-trailer", "set-cookie"} == set()
+
+
+async def test_request_header_bytes_reach_the_upstream_unchanged(make_proxy: MakeProxy) -> None:
+    async with _answering(b"HTTP/1.1 204 No Content\r\n\r\n") as (base, heads):
+        proxy = await make_proxy(base)
+        data = await _raw_get(proxy.port, b"X-Name: caf\xc3\xa9\r\nX-Tab: a\tb\r\n")
+        assert data.startswith(b"HTTP/1.1 204 ")
+        assert b"\r\nX-Name: caf\xc3\xa9\r\n" in heads[0]
+        assert b"\r\nX-Tab: a\tb\r\n" in heads[0]
+        # Not UTF-8: aiohttp's client would leave the byte out ("Sess\xffion" would reach the
+        # upstream as "Session"), so that transport refuses; httptools' sends it unchanged.
+        cookie = b"Cookie: SyncGatewaySess\xffion=planted\r\n"
+        data = await _raw_get(proxy.port, cookie)
+    if proxy.transport == "aiohttp":
+        assert data.startswith(b"HTTP/1.1 400 ")
+        assert len(heads) == 1
+    else:
+        assert data.startswith(b"HTTP/1.1 204 ")
+        assert b"\r\n" + cookie in heads[1]
+
+
+async def test_bytes_on_an_idle_upstream_connection_close_it(make_proxy: MakeProxy) -> None:
+    """Security: an answer nobody asked for (a late second answer to one request) is never
+    read as the next request's answer, nor does it shift every later answer by one."""
+    connections = 0
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        first = connections == 1
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 200 OK\r\n" + _length(b"one" if first else b"two"))
+                if first:
+                    await asyncio.sleep(0.05)
+                    writer.write(b"HTTP/1.1 200 OK\r\n" + _length(b"EVIL"))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        proxy = await make_proxy(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        bodies = []
+        for _ in range(3):
+            bodies.append((await raw_http(proxy.port, "/x")).body)
+            await asyncio.sleep(0.2)
+    finally:
+        server.close()
+    assert bodies == [b"one", b"two", b"two"]
+    assert connections == 2
+
+
+async def test_the_sidecars_own_answers_name_no_versions(upstream: Upstream) -> None:
+    config = base_config(free_port(), free_port(), upstream=upstream.base, databases={"db": {}})
+    async with running_sidecar(config) as sidecar:
+        own = [
+            await raw_exchange(
+                sidecar.port, b"GET /_health HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+            ),
+            await raw_exchange(
+                sidecar.port, b"GET /db/x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+            ),
+            # aiohttp's own 400 for a request it cannot parse
+            await raw_exchange(sidecar.port, b"GET /_health HTTP/1.1\r\nBad Header\r\n\r\n"),
+        ]
+    assert [answer.status for answer in own] == [200, 401, 400]
+    for answer in own:
+        assert answer.header("Server") == ["oidc-sidecar"]
+
+
 # --------------------------------------------------------------------------- WebSocket
 
 
@@ -767,6 +996,24 @@ async def test_ws_subprotocol(
         assert ws.protocol == chosen
         _, seen, _ = await next_log(upstream, "open")
         assert seen == header
+
+
+@pytest.mark.parametrize(
+    "offered", [("b",), ("BLIP_3+CBMobile_3",), ("x", "c")], ids=["chosen", "declined", "second"]
+)
+async def test_ws_subprotocols_log_no_warnings(
+    proxy: Proxy,
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    offered: tuple[str, ...],
+) -> None:
+    """The sidecar relays the upstream's choice of subprotocol (none is a valid one): aiohttp's
+    "protocols don't overlap" warnings (twice per Couchbase Lite connection) are noise."""
+    with caplog.at_level(logging.DEBUG, logger="aiohttp.websocket"):
+        async with client.ws_connect(proxy.url("/ws"), protocols=offered) as ws:
+            await ws.send_str("hi")
+            assert await ws.receive_str(timeout=5) == "hi"
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 async def test_ws_message_too_big(

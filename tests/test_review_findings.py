@@ -194,11 +194,6 @@ async def _through_sidecar(response: bytes) -> Any:
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review #3: a control character in the upstream's reason phrase passes httptools, "
-    "then aiohttp's writer raises: traceback logged, the client's connection closes unanswered",
-)
 async def test_upstream_reason_phrase_with_a_control_character_is_a_502() -> None:
     try:
         answer = await _through_sidecar(b"HTTP/1.1 200 O\x01K\r\nContent-Length: 2\r\n\r\nok")
@@ -207,25 +202,17 @@ async def test_upstream_reason_phrase_with_a_control_character_is_a_502() -> Non
     assert answer.status == 502
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review #4: upstream_h1 adds trailer fields to the response's header section "
-    "(on_header is called for trailers too), RFC 9110 6.5.1 forbids merging them",
-)
 async def test_upstream_trailers_never_become_response_headers() -> None:
     answer = await _through_sidecar(
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
         b"2\r\nok\r\n0\r\nX-Trailer: t\r\nSet-Cookie: planted=1\r\n\r\n"
     )
     assert answer.status == 200
-    assert answer.header("X-Trailer") == [] and answer.header("Set-Cookie") == []
+    assert answer.header("X-Trailer") == []
+    # The sidecar's own session cookie may be set; the upstream's trailer never is.
+    assert not any("planted" in cookie for cookie in answer.header("Set-Cookie"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review #5: upstream_h1 decodes header values as latin-1, aiohttp's writer encodes "
-    "them as UTF-8: bytes 0x80-0xff arrive double-encoded (the aiohttp transport passes them)",
-)
 async def test_upstream_header_bytes_reach_the_client_unchanged() -> None:
     async with (
         _raw_upstream(

@@ -97,10 +97,17 @@ def serve_forever(response: bytes, upstream_box: list[RawUpstream]) -> Script:
     return script
 
 
+async def settled() -> None:
+    """Two turns of the loop: a released connection is idle (reusable) from then on."""
+    for _ in range(2):
+        await asyncio.sleep(0)
+
+
 async def get(pool: H1Pool, url: URL, method: str = "GET") -> tuple[int, bytes]:
     response = await pool.request(method, url, CIMultiDict(), None)
     body = await response.read()
     response.release()
+    await settled()  # as a client's next request comes after a round trip
     return response.status, body
 
 
@@ -147,6 +154,7 @@ async def test_body_framing(raw, pool: H1Pool) -> None:
     r = await pool.request("POST", upstream.url, CIMultiDict(), body())
     await r.read()
     r.release()
+    await settled()
     assert upstream.requests[-1].endswith(
         b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n"
     )
@@ -154,6 +162,7 @@ async def test_body_framing(raw, pool: H1Pool) -> None:
     r = await pool.request("PUT", upstream.url, CIMultiDict({"content-length": "7"}), body())
     await r.read()
     r.release()
+    await settled()
     assert upstream.requests[-1].endswith(b"Content-Length: 7\r\n\r\nabcdefg")
     # No body on a POST: an explicit zero length (some servers answer 411 without one).
     r = await pool.request("POST", upstream.url, CIMultiDict(), None)
@@ -219,6 +228,40 @@ async def test_unsolicited_bytes_on_an_idle_connection_close_it(raw, pool: H1Poo
     assert upstream.connections == 2
 
 
+async def test_a_released_connection_is_reused_only_once_polled(raw, pool: H1Pool) -> None:
+    """Security: a second answer the upstream sent just after the first may still be in the
+    kernel when the first exchange ends. Had the connection gone back to the pool at once,
+    the next request would read it as its own answer; it is idle only after two turns of the
+    loop, by which time those bytes have arrived and closed it."""
+
+    async def script(conn: RawConn) -> None:
+        await conn.request()
+        conn.writer.write(answer(b"one"))
+        # A separate segment, sent as the client is about to take the first answer.
+        for _ in range(2):
+            await asyncio.sleep(0)
+        conn.writer.write(answer(b"EVIL"))
+        await conn.request()
+        conn.writer.write(answer(b"EVIL"))
+
+    box: list[RawUpstream] = []
+
+    async def first_then_honest(conn: RawConn) -> None:
+        if box[0].connections == 1:
+            await script(conn)
+        else:
+            await serve_forever(answer(b"two"), box)(conn)
+
+    upstream = await raw(first_then_honest)
+    box.append(upstream)
+    response = await pool.request("GET", upstream.url, CIMultiDict(), None)
+    assert await response.read() == b"one"
+    response.release()
+    assert await get(pool, upstream.url) == (200, b"two")  # at once: not reused yet
+    assert await get(pool, upstream.url) == (200, b"two")  # settled: the first one closed
+    assert upstream.connections == 2
+
+
 async def test_interim_answers_are_skipped(raw, pool: H1Pool) -> None:
     interim = (
         b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -230,6 +273,7 @@ async def test_interim_answers_are_skipped(raw, pool: H1Pool) -> None:
     assert "Link" not in response.headers
     assert await response.read() == b"final"
     response.release()
+    await settled()
     assert await get(pool, upstream.url) == (200, b"final")
     assert upstream.connections == 1
 
@@ -264,6 +308,49 @@ async def test_chunked_answer(raw, pool: H1Pool) -> None:
     assert await get(pool, upstream.url) == (200, b"abcde")
     assert await get(pool, upstream.url) == (200, b"abcde")
     assert upstream.connections == 1
+
+
+async def test_trailers_are_dropped(raw, pool: H1Pool) -> None:
+    """RFC 9110 6.5.1: trailer fields are never merged into the header section."""
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Head: h\r\n\r\n"
+        b"2\r\nok\r\n0\r\nX-Trailer: t\r\nSet-Cookie: planted=1\r\n\r\n"
+    )
+    upstream = await start_serving(raw, chunked)
+    for _ in range(2):
+        response = await pool.request("GET", upstream.url, CIMultiDict(), None)
+        assert await response.read() == b"ok"
+        response.release()
+        await settled()
+        assert response.headers["X-Head"] == "h"
+        assert "X-Trailer" not in response.headers and "Set-Cookie" not in response.headers
+    assert upstream.connections == 1
+
+
+async def test_non_ascii_bytes_are_decoded_as_aiohttp_does(raw, pool: H1Pool) -> None:
+    """UTF-8 with surrogateescape, as aiohttp's parser: its writer then sends valid UTF-8
+    unchanged (latin-1 here would double-encode it)."""
+    upstream = await start_serving(
+        raw,
+        b"HTTP/1.1 200 Caf\xc3\xa9\r\nX-A: caf\xc3\xa9\r\nX-B: caf\xe9\r\nContent-Length: 0\r\n\r\n",
+    )
+    response = await pool.request("GET", upstream.url, CIMultiDict(), None)
+    await response.read()
+    response.release()
+    assert response.reason == "Café"
+    assert response.headers["X-A"] == "café"
+    assert response.headers["X-B"] == "caf\udce9"
+
+
+async def test_request_header_bytes_are_sent_unchanged(raw, pool: H1Pool) -> None:
+    """Valid UTF-8 as aiohttp's client sends it; bytes that are not UTF-8 (surrogates, as
+    aiohttp's server decodes them) as they came, where aiohttp's client would leave them out."""
+    upstream = await start_serving(raw, answer())
+    headers = CIMultiDict({"X-A": "café", "X-B": "caf\udce9", "X-C": "a\tb"})
+    response = await pool.request("GET", upstream.url, headers, None)
+    await response.read()
+    response.release()
+    assert b"\r\nX-A: caf\xc3\xa9\r\nX-B: caf\xe9\r\nX-C: a\tb\r\n" in upstream.requests[0]
 
 
 @pytest.mark.parametrize(
