@@ -26,6 +26,7 @@ from sidecar.oidc import routes as oidc_routes
 from sidecar.oidc.provider import ProviderRegistry
 from sidecar.oidc.test_provider import TestProvider
 from sidecar.proxy import Forwarder, make_client_session
+from sidecar.server import SidecarRunner
 from sidecar.sessions import routes as session_routes
 from sidecar.sessions.store import create_store
 from sidecar.sgbridge import SessionBridge
@@ -41,7 +42,7 @@ MAX_LINE_SIZE = 16 * 1024
 def make_runner(app: web.Application, *, shutdown_timeout: float) -> web.AppRunner:
     """How both listeners are served. handler_cancellation: a client that goes away cancels
     its handler, which closes the upstream connection (the Forwarder relies on it)."""
-    return web.AppRunner(
+    return SidecarRunner(  # aiohttp's own refusals answered as JSON (sidecar.server)
         app,
         access_log=None,  # one line per request comes from `observe`
         handle_signals=False,

@@ -337,12 +337,6 @@ def test_port_in_use_is_one_clear_line(tmp_path: Any) -> None:
 # --- 9. aiohttp's own 400 quotes the request's bytes back (HttpOnly bypass) ---------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review #9: a request aiohttp's parser refuses gets aiohttp's text/plain 400 quoting "
-    "the offending header: an oversized Cookie header (cookie bombing from any script on the "
-    "origin) returns the HttpOnly session id to that script; README: errors are JSON",
-)
 async def test_oversized_cookie_header_is_not_quoted_back(upstream: Upstream) -> None:
     async with _sidecar(upstream.url) as sidecar:
         session_id = await admin_session(sidecar.admin_url, DB, "alice")
