@@ -76,7 +76,16 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     )
     defs += oidc_routes.routes() + session_routes.routes()
     if settings.unsupported.oidc_test_provider.enabled:
-        test_provider = TestProvider(public_url=settings.public_url)
+        test_provider = TestProvider(
+            public_url=settings.public_url,
+            callback_urls=[
+                provider.callback_url
+                for conf in settings.databases.values()
+                if conf.oidc is not None
+                for provider in conf.oidc.providers.values()
+                if provider.callback_url
+            ],
+        )
         defs += oidc_routes.without_referrer(test_provider.routes(prefix="/{db}/_oidc_testing"))
     # The sidecar's own endpoints get the Host/framing check before their handler (they build
     # URLs from the Host); the proxied routes make it themselves, once.

@@ -49,7 +49,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def provider(clock: Clock) -> TestProvider:
-    return TestProvider(clock=clock)
+    return TestProvider(clock=clock, callback_urls=[REDIRECT])
 
 
 async def _serve(aiohttp_client: AiohttpClient, provider: TestProvider) -> Client:
@@ -127,7 +127,10 @@ async def test_discovery(client: Client) -> None:
 
 
 async def test_discovery_under_public_url(aiohttp_client: AiohttpClient) -> None:
-    client = await _serve(aiohttp_client, TestProvider(public_url="https://sync.example.com/"))
+    client = await _serve(
+        aiohttp_client,
+        TestProvider(public_url="https://sync.example.com/", callback_urls=[REDIRECT]),
+    )
     doc = await (await client.get(f"{BASE}/.well-known/openid-configuration")).json()
     assert doc["issuer"] == "https://sync.example.com/db/_oidc_testing"
     assert doc["token_endpoint"] == "https://sync.example.com/db/_oidc_testing/token"
@@ -189,7 +192,7 @@ async def test_authorize_escapes_every_echoed_value(client: Client) -> None:
         **AUTH,
         "client_id": f"<b>{hostile}",
         "state": hostile,
-        "redirect_uri": 'http://127.0.0.1:9/cb?x="><script>alert(1)</script>',
+        "redirect_uri": 'http://127.0.0.1:9/db/_oidc_callback?x="><script>alert(1)</script>',
         f'extra"{hostile}': hostile,
     }
     response = await client.get(f"{BASE}/authorize", params=params)
@@ -412,7 +415,7 @@ async def test_code_bound_to_client_and_redirect(
 
 
 async def test_old_codes_are_evicted(aiohttp_client: AiohttpClient) -> None:
-    client = await _serve(aiohttp_client, TestProvider(max_entries=2))
+    client = await _serve(aiohttp_client, TestProvider(max_entries=2, callback_urls=[REDIRECT]))
     codes = [await login(client) for _ in range(3)]
     assert (await exchange(client, codes[0])).status == 400
     assert (await exchange(client, codes[1])).status == 200
@@ -543,6 +546,56 @@ BROWSER_GET_CASES: list[tuple[str, str, dict[str, str], int]] = [
         400,
     ),
     ("cancel-no-openid", "authenticate", _query(notauthenticated="1", scope="email"), 400),
+    # Never an open redirector: only the sidecar's own callback (or a configured one).
+    ("redirect-foreign-host", "authorize", _query(redirect_uri="http://evil.example/cb"), 400),
+    (
+        "authn-foreign-host",
+        "authenticate",
+        _query(username="a", redirect_uri="http://evil.example/db/_oidc_callback"),
+        400,
+    ),
+    (
+        "cancel-foreign-host",
+        "authenticate",
+        _query(notauthenticated="1", redirect_uri="http://evil.example/db/_oidc_callback"),
+        400,
+    ),
+    (
+        "authn-other-port",
+        "authenticate",
+        _query(username="a", redirect_uri="http://127.0.0.1:10/db/_oidc_callback"),
+        400,
+    ),
+    (
+        "authn-other-path",
+        "authenticate",
+        _query(username="a", redirect_uri="http://127.0.0.1:9/db/_oidc_callback/x"),
+        400,
+    ),
+    (
+        "authn-other-db",
+        "authenticate",
+        _query(username="a", redirect_uri="http://127.0.0.1:9/other/_oidc_callback"),
+        400,
+    ),
+    (
+        "authn-https-instead",
+        "authenticate",
+        _query(username="a", redirect_uri="https://127.0.0.1:9/db/_oidc_callback"),
+        400,
+    ),
+    (
+        "authn-userinfo",
+        "authenticate",
+        _query(username="a", redirect_uri="http://evil.example@127.0.0.1:9/db/_oidc_callback"),
+        400,  # user info: never the sidecar's own URL
+    ),
+    (
+        "authn-configured-with-query",
+        "authenticate",
+        _query(username="a", redirect_uri="http://127.0.0.1:9/db/_oidc_callback?provider=x"),
+        302,
+    ),
 ]
 
 
@@ -560,6 +613,8 @@ async def test_hostile_browser_requests(
         body = await response.json()
         assert body["error"] == "Bad Request" and body["reason"]
         assert "Location" not in response.headers  # security: never redirect unvalidated
+        assert response.headers["Cache-Control"] == "no-store"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
 
 
 # (id, method, path, raw query, body, content type, expected status)
