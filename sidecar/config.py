@@ -405,6 +405,16 @@ class Settings(Model):
     def _url(cls, value: str | None) -> str | None:
         return None if value is None else _http_url(value, what="URL")
 
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        # The sidecar's URLs and cookie paths are built under it: a base, nothing after.
+        if value is not None and ("?" in value or "#" in value):
+            raise ValueError(
+                "must not have a query or fragment (a base URL, e.g. https://host/prefix)"
+            )
+        return value
+
     @field_validator("session_store")
     @classmethod
     def _store(cls, value: Secret | None) -> Secret | None:

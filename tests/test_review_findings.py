@@ -356,12 +356,6 @@ async def test_oversized_cookie_header_is_not_quoted_back(upstream: Upstream) ->
 # --- 10. Two tabs signing in at once -------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review #10: one sg-oidc-state cookie per browser: a second login started in another "
-    "tab (two protected pages opened after the session ended) makes the first fail with "
-    "'State mismatch' (oauth2-proxy names its CSRF cookie per state for this)",
-)
 async def test_two_tabs_signing_in_at_once_both_land() -> None:
     port, admin_port = free_port(), free_port()
     issuer = f"http://127.0.0.1:{port}/{DB}/_oidc_testing"
@@ -397,20 +391,20 @@ async def test_two_tabs_signing_in_at_once_both_land() -> None:
                 allow_redirects=False,
             ) as response:
                 callbacks.append(response.headers["Location"])
-        async with http.get(callbacks[0], headers=page, allow_redirects=False) as response:
-            assert response.status == 302, await response.text()
-            assert response.headers["Location"].endswith(f"/{DB}/tab1")
+        for tab, callback in zip(("tab1", "tab2"), callbacks, strict=True):
+            async with http.get(callback, headers=page, allow_redirects=False) as response:
+                assert response.status == 302, await response.text()
+                landing = response.headers["Location"]  # the did-the-cookie-stick hop
+            async with http.get(
+                f"{base}{landing}", headers=page, allow_redirects=False
+            ) as response:
+                assert response.status == 302, await response.text()
+                assert response.headers["Location"].endswith(f"/{DB}/{tab}")
 
 
 # --- 11. public_url with a path prefix -------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review #11: with public_url https://host/prefix the login redirect is built under "
-    "/prefix, but the session (and sg-oidc-state) cookies keep Path=/db: the browser, at "
-    "/prefix/db/..., never sends them back (a login loop)",
-)
 async def test_cookie_path_follows_the_public_url_prefix(upstream: Upstream) -> None:
     async with _sidecar(upstream.url, public_url="https://sync.example.com/prefix") as sidecar:
         session_id = await admin_session(sidecar.admin_url, DB, "alice")

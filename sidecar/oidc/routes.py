@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -40,7 +39,9 @@ from sidecar.oidc.single_flight import single_flight
 from sidecar.oidc.tokens import TokenError
 from sidecar.sessions.cookies import (
     STATE_COOKIE,
-    expire_state_cookie,
+    STATE_COOKIE_TTL,
+    holds_state,
+    release_state_cookie,
     set_session_cookie,
     set_state_cookie,
 )
@@ -49,7 +50,7 @@ from sidecar.sessions.origin import public_base
 
 log = logging.getLogger("sidecar.oidc")
 
-STATE_TTL = 300  # seconds a login may take, as Sync Gateway's state cookie
+STATE_TTL = STATE_COOKIE_TTL  # seconds a login may take, as Sync Gateway's state cookie
 REFRESH_BINDING_TTL = 90 * 86400
 # What a refresh shares with concurrent callers of the same token (sealed, seconds-long).
 REFRESH_SHARED = ("id_token", "refresh_token", "access_token", "token_type", "expires_in")
@@ -140,7 +141,7 @@ def _state_of(url: str) -> str:
 async def oidc(request: web.Request) -> web.StreamResponse:
     url, db = await _start_login(request)
     response = web.Response(status=302, headers={"Location": url})
-    set_state_cookie(request, response, db, _state_of(url), STATE_TTL)
+    set_state_cookie(request, response, db, _state_of(url))
     return response
 
 
@@ -156,7 +157,7 @@ async def oidc_challenge(request: web.Request) -> web.StreamResponse:
         status=401,
         headers={"WWW-Authenticate": f"OIDC login={go_quote(url)}"},
     )
-    set_state_cookie(request, response, db, _state_of(url), STATE_TTL)
+    set_state_cookie(request, response, db, _state_of(url))
     return response
 
 
@@ -213,8 +214,9 @@ async def oidc_callback(request: web.Request) -> web.StreamResponse:
         cookie = request.cookies.get(STATE_COOKIE)
         if cookie is None:
             raise StateRejected("OIDC Auth Failure: No state cookie found for callback")
-        # Security: the state must come back to the browser that started the login.
-        if state is None or not hmac.compare_digest(cookie.encode(), state.encode()):
+        # Security: the state must come back to the browser that started the login (one
+        # of the logins pending in it: tabs may sign in at once).
+        if state is None or not holds_state(cookie, state):
             raise StateRejected("OIDC Auth Failure: State mismatch")
     if not state:
         raise BadRequest("OIDC Auth Failure: State mismatch")
@@ -251,7 +253,7 @@ async def oidc_callback(request: web.Request) -> web.StreamResponse:
     response = await _session_answer(request, db, provider, user, tokens, body)
     if is_page_load(request.method, request.headers):  # a person: a page, never the tokens
         response = await browser_answer(request, db, provider, _digest(state), body, response)
-    expire_state_cookie(request, response, db)
+    release_state_cookie(request, response, db, state)
     return response
 
 
@@ -446,8 +448,7 @@ async def _abandoned_target(request: web.Request, db: Database, state: str | Non
     target = request.get(keys.RETURN_TARGET)
     if target is not None or not state or "error" not in request.query:
         return target
-    cookie = request.cookies.get(STATE_COOKIE)
-    if cookie is None or not hmac.compare_digest(cookie.encode(), state.encode()):
+    if not holds_state(request.cookies.get(STATE_COOKIE), state):
         return None  # security: a return target only for the browser that started the login
     record = await request.app[keys.STORE].take_record("login", _digest(state))
     if record is None or record.get("db") != db.name or not isinstance(record.get("rd"), str):
