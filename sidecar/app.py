@@ -13,7 +13,7 @@ from aiohttp import web
 
 from sidecar import admin as admin_routes
 from sidecar import keys
-from sidecar.admin_auth import AdminAuth
+from sidecar.admin_auth import AdminGuard
 from sidecar.config import OIDCConfig, Settings
 from sidecar.databases import Databases
 from sidecar.exchanges import Exchanges
@@ -187,7 +187,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
 
 def create_admin_app(public: web.Application) -> web.Application:
     """The admin listener: health, metrics and (with the login flow) the user/session API;
-    behind `admin_auth` when configured (its open paths excepted)."""
+    behind AdminGuard: no web page may use it, and `admin_auth` when configured."""
     admin = web.Application(client_max_size=1024**2)
     admin[keys.PUBLIC_APP] = public
     defs = [
@@ -197,9 +197,8 @@ def create_admin_app(public: web.Application) -> web.Application:
         *admin_routes.routes(),
         web.route("*", "/{tail:.*}", not_found),
     ]
-    auth_config = public[keys.SETTINGS].admin_auth
-    if auth_config is not None:
-        defs = AdminAuth(auth_config).guard_routes(defs)
+    # One guard: no web page (Origin, DNS-rebinding Host), then admin_auth when configured.
+    defs = AdminGuard(public[keys.SETTINGS]).guard_routes(defs)
     admin.add_routes(observed_routes(defs))
     return admin
 
