@@ -67,6 +67,12 @@ def is_page_load(method: str, headers: Mapping[str, str]) -> bool:
     return accepts_html(headers.get("Accept", ""))
 
 
+def is_cross_site(headers: Mapping[str, str]) -> bool:
+    """Whether the browser says a page of another site caused this request
+    (`Sec-Fetch-Site: cross-site`; `same-site`, `same-origin`, `none` or no header: not)."""
+    return headers.get("Sec-Fetch-Site", "").strip().lower() == "cross-site"
+
+
 def may_redirect_to_login(method: str, headers: Mapping[str, str]) -> bool:
     """Whether a request that failed authentication may be answered with a redirect to the
     login instead of a 401: a page load by GET/HEAD (a form POST would lose its body) that

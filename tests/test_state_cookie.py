@@ -3,18 +3,12 @@ cookie paths under a `public_url` path prefix. Real sidecar, real built-in test 
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from http.cookies import SimpleCookie
-from typing import Any
-
 import aiohttp
 import pytest
 from conftest import admin_session, raw_http
+from support.builtin_provider import DB, answer_for, builtin_sidecar, start_login, state_cookie
 from support.redis_server import free_port
-from support.sidecar import Sidecar, Upstream, base_config, running_sidecar
+from support.sidecar import Upstream, base_config, running_sidecar
 from yarl import URL
 
 from sidecar.sessions.cookies import (
@@ -25,7 +19,6 @@ from sidecar.sessions.cookies import (
     pending_states,
 )
 
-DB = "db"
 A, B, C, D, E = ("a" * 43, "b" * 43, "c" * 43, "d" * 43, "e" * 43)
 
 
@@ -81,73 +74,9 @@ def test_cookie_path(public_url: str | None, path: str) -> None:
     assert cookie_path(public_url, DB) == path
 
 
-# --- a real sidecar and its built-in test provider ----------------------------------------------
-
-
-async def _until_ready(sidecar: Sidecar) -> None:
-    deadline = time.monotonic() + 10
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            async with http.get(f"{sidecar.admin_url}/_ready") as response:
-                if response.status == 200:
-                    return
-            await asyncio.sleep(0.05)
-    raise AssertionError("sidecar not ready")
-
-
-@asynccontextmanager
-async def builtin_sidecar(**settings: Any) -> AsyncIterator[Sidecar]:
-    port = free_port()
-    provider = {
-        "issuer": f"http://127.0.0.1:{port}/{DB}/_oidc_testing",
-        "client_id": "sync_gateway",
-        "validation_key": "any",
-        "register": True,
-    }
-    config = base_config(
-        port,
-        free_port(),
-        demo_upstream=True,
-        unsupported={"oidc_test_provider": {"enabled": True}},
-        databases={DB: {"oidc": {"default_provider": "test", "providers": {"test": provider}}}},
-        **settings,
-    )
-    async with running_sidecar(config) as sidecar:
-        await _until_ready(sidecar)
-        yield sidecar
-
-
-def _state_cookie(response: aiohttp.ClientResponse) -> Any:
-    jar: SimpleCookie = SimpleCookie()
-    for value in response.headers.getall("Set-Cookie", []):
-        jar.load(value)
-    return jar.get(STATE_COOKIE)
-
-
-async def _start(http: aiohttp.ClientSession, sidecar: Sidecar, cookie: str | None) -> Any:
-    """GET /db/_oidc as an API client carrying `cookie` as the state cookie; returns the
-    authorization URL and the state cookie set."""
-    headers = {"Cookie": f"{STATE_COOKIE}={cookie}"} if cookie else {}
-    async with http.get(
-        f"{sidecar.url}/{DB}/_oidc", headers=headers, allow_redirects=False
-    ) as response:
-        assert response.status == 302
-        return URL(response.headers["Location"]), _state_cookie(response)
-
-
-async def _answer_for(http: aiohttp.ClientSession, authorize: URL) -> dict[str, str]:
-    """The test provider's answer to the login of `authorize`: code, state and iss."""
-    form = {**authorize.query, "username": "alice", "authenticated": "1"}
-    async with http.post(
-        authorize.with_query(None).with_name("authenticate"), data=form, allow_redirects=False
-    ) as response:
-        assert response.status == 302, await response.text()
-        return dict(URL(response.headers["Location"]).query)
-
-
 async def test_one_login_sets_exactly_sync_gateways_cookie() -> None:
     async with builtin_sidecar() as sidecar, aiohttp.ClientSession() as http:
-        authorize, cookie = await _start(http, sidecar, None)
+        authorize, cookie = await start_login(http, sidecar, None)
     assert cookie.value == authorize.query["state"]
     assert cookie["path"] == f"/{DB}" and cookie["max-age"] == "300"
 
@@ -158,7 +87,7 @@ async def test_pending_logins_are_kept_newest_first_and_bounded() -> None:
         states: list[str] = []
         logins: dict[str, URL] = {}
         for _ in range(MAX_PENDING_STATES + 1):
-            authorize, cookie = await _start(http, sidecar, value)
+            authorize, cookie = await start_login(http, sidecar, value)
             states.insert(0, authorize.query["state"])
             logins[states[0]] = authorize
             value = cookie.value
@@ -170,7 +99,7 @@ async def test_pending_logins_are_kept_newest_first_and_bounded() -> None:
         oldest = states[-1]
         async with http.get(
             f"{sidecar.url}/{DB}/_oidc_callback",
-            params=await _answer_for(http, logins[oldest]),
+            params=await answer_for(http, logins[oldest]),
             headers={"Cookie": f"{STATE_COOKIE}={value}"},
         ) as response:
             assert response.status == 400
@@ -180,11 +109,11 @@ async def test_pending_logins_are_kept_newest_first_and_bounded() -> None:
         middle = states[1]
         async with http.get(
             f"{sidecar.url}/{DB}/_oidc_callback",
-            params=await _answer_for(http, logins[middle]),
+            params=await answer_for(http, logins[middle]),
             headers={"Cookie": f"{STATE_COOKIE}={value}"},
         ) as response:
             assert response.status == 200, await response.text()
-            rest = _state_cookie(response)
+            rest = state_cookie(response)
         assert rest.value == ".".join([states[0], *states[2:MAX_PENDING_STATES]])
         assert rest["max-age"] == "300"
 
@@ -192,11 +121,11 @@ async def test_pending_logins_are_kept_newest_first_and_bounded() -> None:
         last = states[0]
         async with http.get(
             f"{sidecar.url}/{DB}/_oidc_callback",
-            params=await _answer_for(http, logins[last]),
+            params=await answer_for(http, logins[last]),
             headers={"Cookie": f"{STATE_COOKIE}={last}"},
         ) as response:
             assert response.status == 200, await response.text()
-            gone = _state_cookie(response)
+            gone = state_cookie(response)
         assert gone.value == "" and gone["max-age"] == "0"
 
 

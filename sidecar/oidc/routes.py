@@ -20,7 +20,7 @@ from yarl import URL
 
 from sidecar import keys
 from sidecar.auth import login_user
-from sidecar.browser import is_page_load, login_path, safe_return_target
+from sidecar.browser import is_cross_site, is_page_load, login_path, safe_return_target
 from sidecar.databases import Database
 from sidecar.errors import (
     BadRequest,
@@ -300,7 +300,11 @@ async def oidc_refresh(request: web.Request) -> web.StreamResponse:
     if isinstance(new_refresh, str) and new_refresh and new_refresh != refresh_token:
         body["refresh_token"] = new_refresh
     audit("refresh", user=user.name, provider=provider.name, db=db.name, reason="refresh token")
-    return await _session_answer(request, db, provider, user, tokens, body)
+    # Security (login CSRF): a page of another site can send a browser here with the
+    # attacker's refresh token; the session cookie would sign the visitor in as the attacker.
+    # Such a request still gets its JSON answer, without the cookie.
+    cookie = not is_cross_site(request.headers)
+    return await _session_answer(request, db, provider, user, tokens, body, cookie=cookie)
 
 
 async def _grant(
@@ -356,8 +360,11 @@ async def _session_answer(
     user: User,
     tokens: dict[str, Any],
     body: dict[str, Any],
+    *,
+    cookie: bool = True,
 ) -> web.Response:
-    """Sync Gateway's success body; a session and its cookie unless disable_session."""
+    """Sync Gateway's success body; a session and (when `cookie`) its cookie unless
+    disable_session."""
     settings = request.app[keys.SETTINGS]
     session_id = None
     if not provider.config.disable_session:
@@ -373,7 +380,7 @@ async def _session_answer(
             if key in tokens:
                 body[key] = tokens[key]
     response = web.json_response(body, headers={"Cache-Control": "no-store"})
-    if session_id is not None:
+    if session_id is not None and cookie:
         set_session_cookie(request, response, db, session_id, session.expires)
     return response
 
