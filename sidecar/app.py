@@ -23,6 +23,7 @@ from sidecar.lifecycle import Lifecycle
 from sidecar.observability import Metrics
 from sidecar.observe import not_found, observed_routes
 from sidecar.oidc import routes as oidc_routes
+from sidecar.oidc.login_limit import LoginLimiter
 from sidecar.oidc.provider import ProviderRegistry
 from sidecar.oidc.test_provider import TestProvider
 from sidecar.proxy import Forwarder, make_client_session
@@ -61,6 +62,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app[keys.LIFECYCLE] = Lifecycle()
     app[keys.EXCHANGES] = Exchanges()
     app[keys.BEARER_IDENTITIES] = BearerIdentities()
+    app[keys.LOGIN_LIMITER] = LoginLimiter(settings.login_rate_limit)
     app[keys.TRUSTED_NETWORKS] = tuple(
         ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies
     )

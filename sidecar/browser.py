@@ -12,7 +12,7 @@ from urllib.parse import unquote, urlsplit
 
 from yarl import URL
 
-MAX_RETURN_TARGET = 2048
+MAX_RETURN_TARGET = 1024  # bounds the login state anyone can make the store hold
 _HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
 # RFC 7231 5.3.1: qvalue = ( "0" [ "." 0*3DIGIT ] ) / ( "1" [ "." 0*3("0") ] )
 _QVALUE = re.compile(r"(?:0(?:\.\d{0,3})?|1(?:\.0{0,3})?)")

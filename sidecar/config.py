@@ -304,6 +304,17 @@ class SessionConfig(Model):
     local_cache_seconds: float = Field(default=30.0, ge=0, le=300)
 
 
+class LoginRateLimitConfig(Model):
+    """How many logins (`/{db}/_oidc`, `_oidc_challenge`) this process starts: a token bucket
+    per client address and one for the whole process; each start stores login state for 5
+    minutes, so this bounds what anonymous callers can make the session store hold."""
+
+    per_client_burst: int = Field(default=30, ge=1, le=1_000_000)
+    per_client_per_minute: float = Field(default=30.0, gt=0, le=1_000_000)
+    total_burst: int = Field(default=600, ge=1, le=1_000_000)
+    total_per_minute: float = Field(default=1200.0, gt=0, le=10_000_000)
+
+
 class TestProviderConfig(Model):
     enabled: bool = False
 
@@ -384,6 +395,7 @@ class Settings(Model):
     strip_request_headers: tuple[str, ...] = ()
     clock_skew_seconds: int = Field(default=60, ge=0, le=600)
     session: SessionConfig = SessionConfig()
+    login_rate_limit: LoginRateLimitConfig = LoginRateLimitConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
     unsupported: UnsupportedConfig = UnsupportedConfig()
     logging: LoggingConfig = LoggingConfig()

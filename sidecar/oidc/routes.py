@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -27,6 +28,7 @@ from sidecar.errors import (
     NotFound,
     ProviderError,
     SidecarError,
+    TooManyRequests,
     Unauthorized,
     outside_text,
 )
@@ -34,6 +36,7 @@ from sidecar.observability import audit
 from sidecar.oidc import logout
 from sidecar.oidc.browser_answers import LANDED, browser_answer, landing, replayed_callback
 from sidecar.oidc.client import LoginRequest, authorization_url, new_login, token_request
+from sidecar.oidc.login_limit import client_address
 from sidecar.oidc.provider import Provider, ProviderRegistry
 from sidecar.oidc.single_flight import single_flight
 from sidecar.oidc.tokens import TokenError
@@ -100,8 +103,22 @@ def callback_url(
     return str(url)
 
 
+def _check_login_rate(request: web.Request) -> None:
+    """Raises TooManyRequests (429, Retry-After) when this login start is over the limit of
+    its client or of the process (`login_rate_limit`, oidc.login_limit)."""
+    client = client_address(request.remote, request.headers, request.app[keys.TRUSTED_NETWORKS])
+    wait = request.app[keys.LOGIN_LIMITER].admit(client)
+    if wait > 0:
+        log.info("login start refused: rate limit", extra={"db": request.get(keys.DB_NAME)})
+        raise TooManyRequests(
+            "too many logins started: try again later",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
+
+
 async def _start_login(request: web.Request) -> tuple[str, Database]:
     db, registry = _registry(request)
+    _check_login_rate(request)  # before anything is stored
     provider = _provider(registry, _param(request, "provider"))
     if provider.config.validation_key is None:
         raise BadRequest(
@@ -125,7 +142,10 @@ async def _start_login(request: web.Request) -> tuple[str, Database]:
 def _return_target(request: web.Request, db: Database) -> str | None:
     """The `rd` parameter when it is a safe place to land after the login, else None (the
     callback then shows the signed-in page)."""
-    raw = _param(request, "rd")
+    values = request.query.getall("rd", [])
+    if len(values) > 1:
+        raise BadRequest("rd given more than once")
+    raw = values[0] if values else None  # too long: refused below, like any unsafe target
     if raw is None:
         return None
     target = safe_return_target(raw, db.config.allowed_redirect_origins)
