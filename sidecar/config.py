@@ -222,8 +222,6 @@ class SyncGatewayBridge(Model):
 
 
 def _cors_origin(value: str) -> str:
-    from sidecar.sessions.origin import parse_origin
-
     if value == "*":
         # Security: a wildcard would let every web site use a visitor's cookie session.
         raise ValueError("'*' is not allowed: it would let any site use a visitor's session")
@@ -259,10 +257,11 @@ class DatabaseConfig(Model):
     @classmethod
     def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for item in value:
-            if parse_origin(item) is None:
+            origin = parse_origin(item)
+            if origin is None or origin[0] not in ("http", "https"):
                 raise ValueError(
                     f"{item!r} is not an origin: scheme://host[:port] (http or https, "
-                    "no path, user, query or fragment)"
+                    "no trailing /, path, user, query or fragment)"
                 )
         return value
 

@@ -7,39 +7,16 @@ hijacking, login/logout CSRF). Bearer tokens are not sent by browsers on their o
 
 from __future__ import annotations
 
-import re
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from sidecar import keys
+from sidecar.browser import Origin, parse_origin
 from sidecar.databases import Database
 from sidecar.errors import BadRequest
 from sidecar.headers import ClientView, client_view
 from sidecar.request_head import valid_host
-
-# RFC 6454 7 (serialized origin): scheme "://" host [ ":" port ] — no userinfo, path, query.
-_ORIGIN = re.compile(
-    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://"
-    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+)"
-    r"(?::(?P<port>[0-9]{1,5}))?"
-)
-_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
-
-Origin = tuple[str, str, int | None]  # scheme, host (lowercase), port (default filled in)
-
-
-def parse_origin(text: str) -> Origin | None:
-    """`text` as an origin, normalized (scheme and host lowercased, default port explicit), or
-    None when it is not exactly one serialized origin (`null`, a path, userinfo, spaces...)."""
-    match = _ORIGIN.fullmatch(text)
-    if match is None:
-        return None
-    scheme = match["scheme"].lower()
-    port = int(match["port"]) if match["port"] else _DEFAULT_PORTS.get(scheme)
-    if port is not None and port > 65535:
-        return None
-    return scheme, match["host"].lower(), port
 
 
 def request_view(request: web.Request) -> ClientView:
