@@ -111,13 +111,7 @@ class AdminAuth:
 def is_loopback(listen: str) -> bool:
     """Whether `host:port` listens on loopback only (`:port` is every interface; a host name
     may resolve anywhere, so only `localhost` and loopback addresses count)."""
-    host = listen.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(listen.rpartition(":")[0].strip("[]"))
 
 
 def exposure_warning(settings: Settings) -> str | None:

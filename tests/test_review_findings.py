@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import admin_session, raw_http
+from support.builtin_provider import until_ready
 from support.chromium import Chromium, executable
 from support.redis_server import free_port
 from support.sidecar import ROOT, Sidecar, Upstream, base_config, running_sidecar
@@ -100,7 +101,7 @@ async def test_sign_out_in_chromium() -> None:
         Chromium.launch() as chrome,
         chrome.page("review-sign-out") as page,
     ):
-        await _until_ready(sidecar)
+        await until_ready(sidecar)
         await page.goto(f"{base}/{DB}/page")
         await page.fill("#username", "alice")
         await page.click_text("button", "Sign in")
@@ -116,18 +117,6 @@ async def test_sign_out_in_chromium() -> None:
             except Exception:  # mid-navigation
                 continue
         assert title == "Signed out", await page.text()
-
-
-async def _until_ready(sidecar: Sidecar) -> None:
-    """The built-in test provider is discovered over HTTP from the sidecar itself."""
-    deadline = time.monotonic() + 10
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            async with http.get(f"{sidecar.admin_url}/_ready") as response:
-                if response.status == 200:
-                    return
-            await asyncio.sleep(0.05)
-    raise AssertionError("sidecar not ready")
 
 
 # --- 2. Session ids in the admin listener's access log ------------------------------------------
@@ -378,7 +367,7 @@ async def test_two_tabs_signing_in_at_once_both_land() -> None:
         running_sidecar(config) as sidecar,
         aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http,
     ):
-        await _until_ready(sidecar)
+        await until_ready(sidecar)
         callbacks = []
         for tab in ("tab1", "tab2"):  # both logins start before either comes back
             async with http.get(
