@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from aiohttp import ClientResponse, web
+from aiohttp import ClientResponse, ClientSession, web
 from aiohttp.test_utils import TestClient
 from joserfc import jwt
 from joserfc.jwk import KeySet
 from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpClient
+from support.builtin_provider import builtin_sidecar
 from yarl import URL
 
 from sidecar.oidc.test_provider import TestProvider
@@ -591,6 +592,12 @@ BROWSER_GET_CASES: list[tuple[str, str, dict[str, str], int]] = [
         400,  # user info: never the sidecar's own URL
     ),
     (
+        "authn-loopback-alias",  # 127.0.0.1 and localhost are one machine
+        "authenticate",
+        _query(username="a", redirect_uri="http://localhost:9/db/_oidc_callback"),
+        302,
+    ),
+    (
         "authn-configured-with-query",
         "authenticate",
         _query(username="a", redirect_uri="http://127.0.0.1:9/db/_oidc_callback?provider=x"),
@@ -809,3 +816,37 @@ async def test_token_body_too_large(client: Client) -> None:
     )
     assert response.status == 413
     assert response.content_type == "application/json"
+
+
+# --- mounted in the sidecar: codes only for the sidecar's own callback -------------------------
+
+
+@pytest.mark.parametrize(
+    ("redirect_uri", "status"),
+    [
+        ("{base}/db/_oidc_callback", 302),
+        ("{base}/db/_oidc_callback?provider=test", 302),
+        ("https://sync.example.com/cb", 302),  # a provider's configured callback_url
+        ("http://evil.example/cb", 400),
+        ("http://evil.example/db/_oidc_callback", 400),
+        ("{base}/other/_oidc_callback", 400),
+        ("{base}/db/_oidc_callback/../../evil", 400),
+        ("https://sync.example.com/cb/x", 400),
+    ],
+)
+async def test_mounted_provider_redirects_only_to_the_sidecars_callbacks(
+    redirect_uri: str, status: int
+) -> None:
+    async with builtin_sidecar(callback_url="https://sync.example.com/cb") as sidecar:
+        params = {**AUTH, "redirect_uri": redirect_uri.format(base=sidecar.url)}
+        async with ClientSession() as http:
+            async with http.post(
+                f"{sidecar.url}/db/_oidc_testing/authenticate",
+                params=params,
+                data={"username": "alice", "authenticated": "1"},
+                allow_redirects=False,
+            ) as response:
+                assert response.status == status, await response.text()
+                if status == 400:
+                    assert "Location" not in response.headers
+                    assert response.headers["X-Content-Type-Options"] == "nosniff"

@@ -26,6 +26,7 @@ from joserfc.jwk import RSAKey
 from yarl import URL
 
 from sidecar import keys
+from sidecar.admin_auth import is_loopback_host
 from sidecar.errors import (
     BadRequest,
     MethodNotAllowed,
@@ -164,8 +165,11 @@ def _valid_redirect_uri(value: str) -> bool:
 
 
 def _endpoint(url: URL) -> tuple[str, str, int | None, str]:
-    """What a redirect_uri is compared by: scheme, host, port (default filled in), path."""
-    return (url.scheme.lower(), (url.host or "").lower(), url.port, url.path)
+    """What a redirect_uri is compared by: scheme, host, port (default filled in), path. The
+    loopback names are one host (`make run`: the issuer says 127.0.0.1, the browser may be on
+    localhost; both are this machine)."""
+    host = (url.host or "").lower()
+    return (url.scheme.lower(), "loopback" if is_loopback_host(host) else host, url.port, url.path)
 
 
 def parse_auth_request(params: Mapping[str, str]) -> AuthRequest:

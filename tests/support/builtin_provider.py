@@ -32,7 +32,10 @@ async def until_ready(sidecar: Sidecar) -> None:
 
 
 @asynccontextmanager
-async def builtin_sidecar(**settings: Any) -> AsyncIterator[Sidecar]:
+async def builtin_sidecar(
+    callback_url: str | None = None, **settings: Any
+) -> AsyncIterator[Sidecar]:
+    """The sidecar (`settings` added to its config); `callback_url`: the provider's."""
     port = free_port()
     provider = {
         "issuer": f"http://127.0.0.1:{port}/{DB}/_oidc_testing",
@@ -40,6 +43,8 @@ async def builtin_sidecar(**settings: Any) -> AsyncIterator[Sidecar]:
         "validation_key": "any",
         "register": True,
     }
+    if callback_url is not None:
+        provider["callback_url"] = callback_url
     config = base_config(
         port,
         free_port(),
