@@ -12,19 +12,20 @@ import aiohttp
 from aiohttp import web
 
 from sidecar import admin as admin_routes
-from sidecar import keys
+from sidecar import cors, keys
 from sidecar.admin_auth import AdminGuard
 from sidecar.config import OIDCConfig, Settings
 from sidecar.databases import Databases
 from sidecar.exchanges import Exchanges
-from sidecar.handlers import defer_continue, live, proxy_handler, ready
+from sidecar.handlers import defer_continue, live, options_handler, proxy_handler, ready
 from sidecar.identity_cache import BearerIdentities
 from sidecar.lifecycle import Lifecycle
 from sidecar.observability import Metrics
 from sidecar.observe import not_found, observed_routes
 from sidecar.oidc import routes as oidc_routes
+from sidecar.oidc import self_fetch
 from sidecar.oidc.login_limit import LoginLimiter
-from sidecar.oidc.provider import ProviderRegistry
+from sidecar.oidc.provider import Provider, ProviderRegistry, discovery_url
 from sidecar.oidc.test_provider import TestProvider
 from sidecar.proxy import Forwarder, make_client_session
 from sidecar.server import SidecarRunner
@@ -66,16 +67,26 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app[keys.TRUSTED_NETWORKS] = tuple(
         ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies
     )
+    app[keys.CORS] = cors.policies(settings)
     app.cleanup_ctx.append(_resources)
 
     # Order matters: the Sync Gateway-compatible endpoints before the catch-all proxy routes.
-    defs = [web.get("/_health", live), web.get("/_ready", ready)]
     # The common case first, one pattern match: aiohttp's router tries `/{db}/...` resources in
     # order, and a proxied path would otherwise be matched against every endpoint below. Tails
     # starting with `_oidc` or `_session` skip it and reach their endpoints (or the catch-all).
-    defs.append(
-        web.route("*", PROXIED, proxy_handler, expect_handler=defer_continue, name="proxied")
+    # proxy_handler makes the Host/framing check itself. OPTIONS has a route of its own on the
+    # same resource (a CORS preflight is answered without authentication): the method is a
+    # dict lookup, no cost to the other methods.
+    app.add_routes(
+        observed_routes(
+            [
+                # one resource (same path and name): the method picks the route
+                web.route(method, PROXIED, handler, expect_handler=defer_continue, name="proxied")
+                for method, handler in (("OPTIONS", options_handler), ("*", proxy_handler))
+            ]
+        )
     )
+    defs = [web.get("/_health", live), web.get("/_ready", ready)]
     defs += oidc_routes.routes() + session_routes.routes()
     if settings.unsupported.oidc_test_provider.enabled:
         test_provider = TestProvider(
@@ -93,8 +104,9 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     # URLs from the Host); the proxied routes make it themselves, once.
     app.add_routes(observed_routes(defs, check_head=True))
     proxied = [
-        web.route("*", "/{db}", proxy_handler, expect_handler=defer_continue),
-        web.route("*", "/{db}/{tail:.*}", proxy_handler, expect_handler=defer_continue),
+        web.route(method, path, handler, expect_handler=defer_continue)
+        for path in ("/{db}", "/{db}/{tail:.*}")
+        for method, handler in (("OPTIONS", options_handler), ("*", proxy_handler))
     ]
     app.add_routes(observed_routes(proxied))
     app.add_routes(observed_routes([web.route("*", "/{tail:.*}", not_found)], check_head=True))
@@ -171,8 +183,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         for bridge in bridges.values():
             stack.callback(store.subscribe(bridge.on_store_event))
             stack.push_async_callback(bridge.close)
+        listening = app[keys.LIFECYCLE].listening
         refreshers = [
-            asyncio.create_task(provider.run_refresh(), name=f"provider-refresh-{provider.name}")
+            asyncio.create_task(
+                _refresh(provider, listening), name=f"provider-refresh-{provider.name}"
+            )
             for registry in app[keys.DATABASES].registries()
             for provider in registry.providers
         ]
@@ -185,6 +200,19 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         stack.push_async_callback(stop_refreshers)
         stack.push_async_callback(exchanges.close_all)
         yield
+
+
+SELF_HOSTED_WAIT = 5.0  # seconds; a runner that never says it listens delays only this much
+
+
+async def _refresh(provider: Provider, listening: asyncio.Event) -> None:
+    """`provider`'s refresh loop. The built-in test provider is served by this process: its
+    first discovery waits until the listener is up, instead of failing (a scary warning on
+    a newcomer's first screen) and retrying."""
+    if self_fetch.headers_for(discovery_url(provider.config)):
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(listening.wait(), SELF_HOSTED_WAIT)
+    await provider.run_refresh()
 
 
 def create_admin_app(public: web.Application) -> web.Application:

@@ -25,8 +25,8 @@ from sidecar.errors import BadRequest, ProviderError, ServiceUnavailable, Unauth
 from sidecar.identity import Identity
 from sidecar.oidc.tokens import TokenError
 from sidecar.pages import redirect
-from sidecar.sessions.models import User
-from sidecar.sessions.store import SessionStore, is_well_formed_session_id
+from sidecar.sessions.models import Session, User
+from sidecar.sessions.store import SessionStore
 from sidecar.users import LoginRefused, UsernameError, apply_login, username_from_claims
 
 log = logging.getLogger("sidecar.auth")
@@ -115,25 +115,59 @@ def login_redirect(request: web.Request, db: Database) -> web.Response | None:
     return redirect(login)
 
 
+class _SessionIdentities:
+    """The Identity last built for each session record, reused while the store hands back the
+    very same (immutable) record: building one (frozensets, a 10-field frozen dataclass) cost
+    more than the rest of a cached session lookup. Bounded; emptied when full."""
+
+    LIMIT = 10_000
+
+    def __init__(self) -> None:
+        self._built: dict[str, tuple[Session, Identity]] = {}
+
+    def of(self, session: Session, session_id: str) -> Identity:
+        entry = self._built.get(session_id)
+        if entry is not None and entry[0] is session:  # security: only for that exact record
+            return entry[1]
+        identity = session.to_identity(session_id)
+        if len(self._built) >= self.LIMIT:
+            self._built.clear()
+        self._built[session_id] = (session, identity)
+        return identity
+
+
+_identities = _SessionIdentities()
+
+
 async def identity_from_session(app: web.Application, db: Database, session_id: str) -> Identity:
-    if not is_well_formed_session_id(session_id):
-        raise Unauthorized("Session Invalid")
     store = app[keys.STORE]
     now = time.time()
-    session = await store.get_session(db.name, session_id, now)
+    session = await store.get_session(db.name, session_id, now)  # refuses malformed ids
     if session is None:
         raise Unauthorized("Session Invalid")
-    identity = session.to_identity(session_id)
+    identity = _identities.of(session, session_id)
     if now - session.last_renewed < COOKIE_REFRESH_WINDOW:
         identity = replace(identity, session_expires=session.expires)
     return identity
 
 
 async def identity_from_bearer(app: web.Application, db: Database, token: str) -> Identity:
-    """Sync Gateway's implicit flow: an ID token on every request; no session is created."""
+    """Sync Gateway's implicit flow: an ID token on every request; no session is created.
+
+    Hot path: a token this replica already verified and resolved is answered from
+    BEARER_IDENTITIES (one SHA-256, one dict lookup) for as long as it may be: until its exp,
+    a change to its user (any replica), a gap in the event feed, or a retired provider key.
+    """
     registry = db.providers
     if registry is None:
         raise Unauthorized("Invalid login")
+    store = app[keys.STORE]
+    cache = app[keys.BEARER_IDENTITIES]
+    digest = hashlib.sha256(token.encode()).digest()
+    if store.caching:
+        identity = cache.get(db.name, digest, time.time(), store.generation)
+        if identity is not None:
+            return identity
     metrics = app[keys.METRICS]
     try:
         provider = registry.for_token(token)
@@ -145,13 +179,6 @@ async def identity_from_bearer(app: web.Application, db: Database, token: str) -
         raise Unauthorized("Invalid login") from None
     except ProviderError as exc:
         raise ServiceUnavailable(f"identity provider unavailable: {exc.reason}") from None
-    store = app[keys.STORE]
-    cache = app[keys.BEARER_IDENTITIES]
-    digest = hashlib.sha256(token.encode()).digest()
-    if store.caching:
-        identity = cache.get(db.name, digest, time.time(), store.generation)
-        if identity is not None:
-            return identity
     user = await login_user(store, db, provider.name, provider.config, claims)
     identity = Identity(
         name=user.name,
@@ -163,7 +190,7 @@ async def identity_from_bearer(app: web.Application, db: Database, token: str) -
         valid_until=float(claims["exp"]) + leeway,  # as long as validate() would accept it
     )
     if store.caching:
-        cache.put(db.name, digest, identity, float(claims["exp"]), store.generation)
+        cache.put(db.name, digest, identity, float(claims["exp"]), store.generation, provider)
     return identity
 
 

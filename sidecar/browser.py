@@ -159,6 +159,20 @@ def parse_origin(text: str) -> Origin | None:
     return scheme, host, port
 
 
+def serialize_origin(origin: Origin) -> str:
+    """`origin` as browsers send it in `Origin` (RFC 6454 6.2: lowercase scheme and host, the
+    port only when it is not the scheme's default)."""
+    scheme, host, port = origin
+    shown = port is not None and port != _DEFAULT_ORIGIN_PORTS.get(scheme)
+    return f"{scheme}://{host}:{port}" if shown else f"{scheme}://{host}"
+
+
+def serialized_origin(text: str) -> str | None:
+    """`text` as browsers send it in `Origin`, or None when it is not an origin."""
+    origin = parse_origin(text)
+    return None if origin is None else serialize_origin(origin)
+
+
 def _absolute_target_origin(raw: str) -> Origin | None:
     """The normalised origin of an absolute http(s) target, or None when it is anything
     else or anything ambiguous (user info, an encoded or odd host, a non-number port)."""

@@ -64,6 +64,7 @@ async def serve(settings: Settings, *, supervisor: int | None = None) -> None:
             await admin_runner.cleanup()
             raise CannotListen(listen, exc) from None
         sites.append(site)
+    app[keys.LIFECYCLE].listening.set()
     log.info(
         "sidecar listening",
         extra={

@@ -26,7 +26,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, core_schema
 
-from sidecar.browser import parse_origin, safe_return_target
+from sidecar.browser import parse_origin, safe_return_target, serialized_origin
 
 DEFAULT_SCOPE = ("openid", "email")
 PROVIDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]*$")  # Sync Gateway: no "_"
@@ -222,19 +222,55 @@ class SyncGatewayBridge(Model):
 
 
 def _cors_origin(value: str) -> str:
+    """An origin as browsers serialize it (RFC 6454 6.2: lowercase scheme and host, no default
+    port), so that a request's `Origin` compares with it exactly."""
     if value == "*":
         # Security: a wildcard would let every web site use a visitor's cookie session.
         raise ValueError("'*' is not allowed: it would let any site use a visitor's session")
-    if parse_origin(value) is None:
+    if value == "null":
+        raise ValueError(
+            "'null' is not an origin to list: every sandboxed frame and file: page has it"
+        )
+    canonical = serialized_origin(value)
+    if canonical is None:
         raise ValueError(f"{value!r} is not an origin (scheme://host[:port], nothing more)")
+    return canonical
+
+
+def _header_name(value: str) -> str:
+    if not HEADER_NAME.match(value):
+        raise ValueError(f"{value!r} is not an HTTP header name")
     return value
 
 
-class CORSConfig(Model):
-    """Sync Gateway's CORS `origin` list: other sites' pages allowed to use a cookie session
-    (websockets, `_session` POST/DELETE) besides the sidecar's own origin."""
+CorsOrigin = Annotated[str, AfterValidator(_cors_origin)]
+HeaderName = Annotated[str, AfterValidator(_header_name)]
 
-    origin: tuple[Annotated[str, AfterValidator(_cors_origin)], ...] = ()
+
+class CORSConfig(Model):
+    """Sync Gateway's per-database CORS block (sidecar/cors.py): other sites' pages allowed to
+    call this database with credentials, the sidecar answering preflights itself. The same
+    list is the cookie session's Origin policy (sessions/origin.py)."""
+
+    origin: tuple[CorsOrigin, ...] = ()
+    # Sync Gateway's list for `/{db}/_session` login/logout from another site; here: origins
+    # allowed there (and only there) besides `origin`.
+    login_origin: tuple[CorsOrigin, ...] = ()
+    headers: tuple[HeaderName, ...] = ()  # allowed request headers besides the defaults
+    expose_headers: tuple[HeaderName, ...] = ()  # response headers a page may read
+    # Seconds a browser may reuse a preflight's answer (Sync Gateway's default 0 asks again
+    # before every request; browsers cap it: Chromium at 7200).
+    max_age: int = Field(default=600, ge=0, le=86400)
+
+
+def _redirect_origin(value: str) -> str:
+    origin = parse_origin(value)
+    if origin is None or origin[0] not in ("http", "https"):
+        raise ValueError(
+            f"{value!r} is not an origin: scheme://host[:port] (http or https, "
+            "no trailing /, path, user, query or fragment)"
+        )
+    return value
 
 
 class DatabaseConfig(Model):
@@ -246,24 +282,12 @@ class DatabaseConfig(Model):
     # Browsers: a page load without credentials is sent to the login instead of a 401.
     browser_login: bool = True
     # Origins besides the sidecar's own that a login's `rd` return target may point to.
-    allowed_redirect_origins: tuple[str, ...] = ()
+    allowed_redirect_origins: tuple[Annotated[str, AfterValidator(_redirect_origin)], ...] = ()
 
     @field_validator("upstream")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         return None if value is None else _http_url(value, what="upstream")
-
-    @field_validator("allowed_redirect_origins")
-    @classmethod
-    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for item in value:
-            origin = parse_origin(item)
-            if origin is None or origin[0] not in ("http", "https"):
-                raise ValueError(
-                    f"{item!r} is not an origin: scheme://host[:port] (http or https, "
-                    "no trailing /, path, user, query or fragment)"
-                )
-        return value
 
     @field_validator("session_cookie_name")
     @classmethod

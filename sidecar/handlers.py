@@ -8,6 +8,7 @@ from yarl import URL
 
 from sidecar import keys
 from sidecar.auth import authenticate, login_redirect
+from sidecar.cors import is_preflight, preflight_answer
 from sidecar.errors import Forbidden, Unauthorized
 from sidecar.exchanges import Exchange
 from sidecar.headers import client_ip_trusted, upstream_request_headers
@@ -23,6 +24,18 @@ async def defer_continue(request: web.Request) -> None:
     upload; the proxy handler sends it after authenticating instead."""
     if request.headers.get("Expect", "").lower() == "100-continue":
         request[keys.CONTINUE_DEFERRED] = True
+
+
+async def options_handler(request: web.Request) -> web.StreamResponse:
+    """OPTIONS on a database path: a CORS preflight is answered here from the database's
+    `cors` lists — security: never authenticated (it carries no credentials) and never
+    forwarded; any other OPTIONS is proxied like every method."""
+    if not is_preflight(request.headers):
+        return await proxy_handler(request)
+    db = request.app[keys.DATABASES].get(request.match_info["db"])
+    request[keys.DB_NAME] = db.name
+    login = request.match_info.get("tail") == "_session"
+    return preflight_answer(request, request.app[keys.CORS][db.name], login=login)
 
 
 async def proxy_handler(request: web.Request) -> web.StreamResponse:

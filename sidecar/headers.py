@@ -17,6 +17,7 @@ from typing import TypeVar
 from multidict import CIMultiDict, MultiMapping
 
 from sidecar.config import CouchDBProxyAuth, IdentityHeaders, Secret
+from sidecar.cors import RESPONSE_HEADERS as CORS_RESPONSE_HEADERS
 from sidecar.errors import BadRequest, Forbidden
 from sidecar.identity import Identity
 from sidecar.request_head import valid_host
@@ -333,10 +334,21 @@ class _HeaderPolicy:
         return _PASS
 
 
-@functools.lru_cache(maxsize=16)  # one per configuration: built once, not per request
+_policies: dict[tuple[int, int], tuple[IdentityHeaders, tuple[str, ...], _HeaderPolicy]] = {}
+
+
 def _policy(names: IdentityHeaders, strip: tuple[str, ...]) -> _HeaderPolicy:
+    """One policy per configuration, found by the identity of its (immutable) config objects:
+    hashing a pydantic model on every request would cost more than the lookup saves."""
+    entry = _policies.get((id(names), id(strip)))
+    if entry is not None and entry[0] is names and entry[1] is strip:
+        return entry[2]
     ours = frozenset(_norm(n) for n in (names.user, names.email, names.roles, names.channels))
-    return _HeaderPolicy(ours, removed_headers(strip))
+    policy = _HeaderPolicy(ours, removed_headers(strip))
+    if len(_policies) >= 64:  # tests build many configurations; production has one
+        _policies.clear()
+    _policies[(id(names), id(strip))] = (names, strip, policy)
+    return policy
 
 
 def upstream_request_headers(
@@ -445,8 +457,14 @@ def upstream_request_headers(
     return out
 
 
+# Back to the client: never hop-by-hop headers, nor the upstream's CORS grants (the sidecar
+# alone answers CORS, from `databases.<db>.cors`: sidecar/cors.py).
+_NOT_RELAYED = HOP_BY_HOP | CORS_RESPONSE_HEADERS
+
+
 def downstream_response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]:
-    """The upstream response's headers minus hop-by-hop ones, ready for a StreamResponse.
+    """The upstream response's headers minus hop-by-hop ones and CORS grants, ready for a
+    StreamResponse.
 
     Content-Length is kept, so aiohttp writes exactly that many bytes without chunking (and a
     HEAD answer keeps its length). Transfer-Encoding is dropped: with no length, aiohttp
@@ -462,7 +480,7 @@ def downstream_response_headers(upstream: Mapping[str, str]) -> CIMultiDict[str]
             chunked = True
     out: CIMultiDict[str] = CIMultiDict()
     for name, key, value in items:
-        if key in HOP_BY_HOP or key in connection_named:
+        if key in _NOT_RELAYED or key in connection_named:
             continue
         if key == "content-length" and chunked:  # RFC 9112 6.3: Transfer-Encoding wins
             continue

@@ -8,6 +8,7 @@ from ipaddress import IPv4Network, IPv6Network
 from aiohttp import ClientSession, web
 
 from sidecar.config import Settings
+from sidecar.cors import CorsPolicy
 from sidecar.databases import Databases
 from sidecar.exchanges import Exchanges
 from sidecar.identity import Identity
@@ -30,6 +31,7 @@ LIFECYCLE = web.AppKey[Lifecycle]("lifecycle")
 TRUSTED_NETWORKS = web.AppKey[Sequence[IPv4Network | IPv6Network]]("trusted_networks")
 SG_BRIDGES = web.AppKey[dict[str, SessionBridge]]("sg_bridges")  # by database name
 BEARER_IDENTITIES = web.AppKey[BearerIdentities]("bearer_identities")
+CORS = web.AppKey[dict[str, CorsPolicy]]("cors")  # by database name
 LOGIN_LIMITER = web.AppKey[LoginLimiter]("login_limiter")  # oidc.login_limit
 PUBLIC_APP = web.AppKey[web.Application]("public_app")  # the admin app reaches the public one
 

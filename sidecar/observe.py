@@ -22,6 +22,7 @@ from aiohttp import web
 
 from sidecar import keys
 from sidecar.browser import is_page_load
+from sidecar.cors import grant
 from sidecar.errors import NotFound, SidecarError
 from sidecar.observability import ACCESS_LOG, Metrics
 from sidecar.pages import error_page
@@ -162,6 +163,8 @@ def finish_response(request: web.Request, response: web.StreamResponse) -> None:
     rid = request.get(keys.REQUEST_ID)
     if rid is not None:
         response.headers["X-Request-ID"] = rid
+    if "Origin" in request.headers:  # the only CORS cost of a request without Origin
+        _cors(request, response)
     sg_session = request.get(keys.SG_SESSION)
     if sg_session is not None:  # security: Sync Gateway's session cookie stays in the pod
         strip_set_cookies(response.headers)
@@ -174,6 +177,15 @@ def finish_response(request: web.Request, response: web.StreamResponse) -> None:
         if sets_session_cookie(response, db):  # the handler set one of its own (new session)
             return
         set_session_cookie(request, response, db, identity.session_id, identity.session_expires)
+
+
+def _cors(request: web.Request, response: web.StreamResponse) -> None:
+    """The database's CORS grant (sidecar/cors.py) on any answer under `/{db}/`."""
+    policies = request.app.get(keys.CORS)  # absent on the admin listener: no CORS there
+    db = request.get(keys.DB_NAME) or request.match_info.get("db")
+    policy = policies.get(db) if policies is not None and db is not None else None
+    if policy is not None:
+        grant(request, response, policy)
 
 
 def finisher(request: web.Request) -> Callable[[web.StreamResponse], None]:

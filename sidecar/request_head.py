@@ -4,6 +4,7 @@ an upstream (or a proxy between) could read differently from the sidecar are ref
 
 from __future__ import annotations
 
+import functools
 import re
 from ipaddress import IPv6Address
 
@@ -19,6 +20,7 @@ _HOST = re.compile(
 )
 
 
+@functools.lru_cache(maxsize=256)  # a replica sees the same few Host values on every request
 def valid_host(value: str) -> bool:
     """Is `value` a Host header value the sidecar vouches for (`_HOST`, port 1-65535)?"""
     match = _HOST.fullmatch(value)

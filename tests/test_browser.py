@@ -123,7 +123,7 @@ def test_allowed_redirect_origins_are_checked_at_load() -> None:
     for bad in ("https://app.example.com/x", "https://app.example.com/", "capacitor://localhost"):
         with pytest.raises(ConfigError) as caught:
             parse_settings(base | {"databases": {"db": {"allowed_redirect_origins": [bad]}}})
-        assert caught.value.problems[0].startswith("databases.db.allowed_redirect_origins:")
+        assert caught.value.problems[0].startswith("databases.db.allowed_redirect_origins.0:")
     with pytest.raises(ConfigError) as caught:
         parse_settings(base | {"databases": {"db": {"browser_login": "sometimes"}}})
     assert caught.value.problems[0].startswith("databases.db.browser_login:")

@@ -568,3 +568,47 @@ def test_plain_words_for_error_types_no_field_raises_today(
     from sidecar.config import _plain
 
     assert _plain({"loc": (), "msg": "", "input": None, **error}) == expected  # type: ignore[typeddict-item]
+
+
+# ------------------------------------------------------------------ review #17 leftovers
+
+REDIRECT_ORIGIN_WORDS = (
+    "is not an origin: scheme://host[:port] (http or https, no path, user, query or fragment)"
+)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            with_provider(scope=5),
+            [
+                "databases.db.oidc.providers.op.scope: must be a list of strings or a space-separated string"
+            ],
+        ),
+        (doc(pass_authorization="yes please"), ["pass_authorization: must be true or false"]),
+        (doc(interface=":70000"), ["interface: port must be between 1 and 65535"]),
+        (
+            # Every bad entry, each with its index: not only the first.
+            doc(
+                databases={
+                    "db": {
+                        "allowed_redirect_origins": [
+                            "https://ok.example",
+                            "https://a.example/x",
+                            "nope",
+                            "ftp://x",
+                        ]
+                    }
+                }
+            ),
+            [
+                f"databases.db.allowed_redirect_origins.1: 'https://a.example/x' {REDIRECT_ORIGIN_WORDS}",
+                f"databases.db.allowed_redirect_origins.2: 'nope' {REDIRECT_ORIGIN_WORDS}",
+                f"databases.db.allowed_redirect_origins.3: 'ftp://x' {REDIRECT_ORIGIN_WORDS}",
+            ],
+        ),
+    ],
+)
+def test_broken_values_exact_messages(data: dict[str, Any], expected: list[str]) -> None:
+    assert problems(data) == expected

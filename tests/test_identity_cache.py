@@ -20,6 +20,15 @@ from sidecar.sessions.store import StoreEvent
 ALICE = Identity(name="alice", via="bearer")
 
 
+class Source:
+    """Stands in for the provider that verified a token: only its keys_epoch matters here."""
+
+    keys_epoch = 0
+
+
+SOURCE = Source()
+
+
 @pytest.mark.parametrize(
     ("now", "generation", "expected"),
     [(10.0, 1, ALICE), (99.9, 1, ALICE), (100.0, 1, None), (10.0, 2, None)],
@@ -28,7 +37,7 @@ def test_entries_expire_with_the_token_and_with_the_store_generation(
     now: float, generation: int, expected: Identity | None
 ) -> None:
     cache = BearerIdentities()
-    cache.put("db", b"t1", ALICE, 100.0, 1)
+    cache.put("db", b"t1", ALICE, 100.0, 1, SOURCE)
     assert cache.get("db", b"t1", now, generation) == expected
     assert cache.get("other", b"t1", 10.0, 1) is None
 
@@ -45,17 +54,28 @@ def test_entries_expire_with_the_token_and_with_the_store_generation(
 )
 def test_user_events_drop_that_users_entries(event: StoreEvent, kept: bool) -> None:
     cache = BearerIdentities()
-    cache.put("db", b"t1", ALICE, 100.0, 0)
-    cache.put("db", b"t2", ALICE, 100.0, 0)
+    cache.put("db", b"t1", ALICE, 100.0, 0, SOURCE)
+    cache.put("db", b"t2", ALICE, 100.0, 0, SOURCE)
     cache.on_store_event(event)
     assert (cache.get("db", b"t1", 1.0, 0) is not None) is kept
     assert (cache.get("db", b"t2", 1.0, 0) is not None) is kept
 
 
+def test_a_retired_provider_key_drops_what_it_verified() -> None:
+    """Security: an identity resolved from a token verified with a key the provider has since
+    retired is never served again (the token must be verified anew, and then fails)."""
+    source = Source()
+    cache = BearerIdentities()
+    cache.put("db", b"t1", ALICE, 100.0, 0, source)
+    assert cache.get("db", b"t1", 1.0, 0) == ALICE
+    source.keys_epoch += 1
+    assert cache.get("db", b"t1", 1.0, 0) is None
+
+
 def test_bounded() -> None:
     cache = BearerIdentities(max_entries=3)
     for i in range(10):
-        cache.put("db", bytes([i]), ALICE, 100.0, 0)
+        cache.put("db", bytes([i]), ALICE, 100.0, 0, SOURCE)
     assert len(cache) <= 3
 
 

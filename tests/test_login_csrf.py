@@ -31,23 +31,34 @@ async def _attackers_tokens(http: aiohttp.ClientSession, sidecar: Sidecar) -> di
     return body
 
 
+APP = "https://app.example.com"  # in the database's cors.origin
+
+
 @pytest.mark.parametrize(
-    ("site", "cookie_set"),
+    ("site", "origin", "cookie_set"),
     [
-        (None, True),  # Couchbase Lite, curl: as Sync Gateway
-        ("same-origin", True),
-        ("same-site", True),
-        ("none", True),  # typed in the address bar
-        ("cross-site", False),
-        ("CROSS-SITE ", False),
+        (None, None, True),  # Couchbase Lite, curl: as Sync Gateway
+        ("same-origin", None, True),
+        ("same-site", None, True),
+        ("none", None, True),  # typed in the address bar
+        ("cross-site", None, False),  # a navigation or no-cors request from another site
+        ("CROSS-SITE ", None, False),
+        ("cross-site", "https://evil.example", False),  # a CORS request from an unlisted site
+        ("cross-site", "null", False),
+        ("cross-site", APP, True),  # a CORS request from a listed site: it reads the answer
     ],
 )
 async def test_refresh_from_another_site_sets_no_session_cookie(
-    site: str | None, cookie_set: bool
+    site: str | None, origin: str | None, cookie_set: bool
 ) -> None:
-    async with builtin_sidecar() as sidecar, aiohttp.ClientSession() as http:
+    async with (
+        builtin_sidecar(cors={"origin": [APP]}) as sidecar,
+        aiohttp.ClientSession() as http,
+    ):
         tokens = await _attackers_tokens(http, sidecar)
         headers = {**NAVIGATE, "Sec-Fetch-Site": site} if site is not None else {}
+        if origin is not None:
+            headers |= {"Origin": origin, "Sec-Fetch-Mode": "cors"}
         async with http.get(
             f"{sidecar.url}/{DB}/_oidc_refresh",
             params={"refresh_token": tokens["refresh_token"]},

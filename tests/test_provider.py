@@ -463,10 +463,11 @@ async def test_retired_key_empties_the_cache(op: OP) -> None:
     assert await provider.validate(token, leeway=LEEWAY)
     op.state.keys = [K1, K2]
     await provider.refresh()  # a key added: cached answers stay
-    assert len(provider.cache) == 1
+    assert len(provider.cache) == 1 and provider.keys_epoch == 0
     op.state.keys = [K2]
     await provider.refresh()  # K1 retired: its tokens are no longer accepted from the cache
     assert len(provider.cache) == 0
+    assert provider.keys_epoch == 1  # and other caches keyed on the epoch (bearer identities)
     with pytest.raises(TokenError) as info:
         await provider.validate(token, leeway=LEEWAY)
     assert info.value.code == "unknown_kid"

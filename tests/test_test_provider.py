@@ -850,3 +850,50 @@ async def test_mounted_provider_redirects_only_to_the_sidecars_callbacks(
                 if status == 400:
                     assert "Location" not in response.headers
                     assert response.headers["X-Content-Type-Options"] == "nosniff"
+
+
+async def test_self_hosted_discovery_waits_for_the_listener(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`make run`'s first screen: the sidecar discovers the built-in provider from itself. Its
+    first attempt waits until the listener is up (the lifecycle says so), instead of being
+    refused and logging WARNINGs: here the listener opens only after a pause, and no
+    attempt, hence no warning, happens before."""
+    import asyncio
+
+    from support.redis_server import free_port
+
+    from sidecar import keys
+    from sidecar.app import create_app, make_runner
+    from sidecar.config import parse_settings
+
+    port = free_port()
+    issuer = f"http://127.0.0.1:{port}/db/_oidc_testing"
+    settings = parse_settings(
+        {
+            "interface": f"127.0.0.1:{port}",
+            "demo_upstream": True,
+            "unsupported": {"oidc_test_provider": {"enabled": True}},
+            "databases": {
+                "db": {"oidc": {"providers": {"test": {"issuer": issuer, "client_id": "c"}}}}
+            },
+        }
+    )
+    app = create_app(settings)
+    runner = make_runner(app, shutdown_timeout=1)
+    await runner.setup()  # the refreshers start here
+    try:
+        await asyncio.sleep(0.5)  # before: refused twice, backoff 0.25 s, a WARNING each time
+        (provider,) = next(app[keys.DATABASES].registries()).providers
+        assert provider.discovery_fetches == 0
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        app[keys.LIFECYCLE].listening.set()
+        for _ in range(200):
+            if provider.ready:
+                break
+            await asyncio.sleep(0.025)
+        assert provider.ready and provider.discovery_fetches == 1
+    finally:
+        await runner.cleanup()
+    failures = [r for r in caplog.records if "refresh failed" in r.getMessage()]
+    assert failures == []

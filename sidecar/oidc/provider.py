@@ -214,6 +214,7 @@ class Provider:
         self._on_fetch = on_fetch
         self.config = config
         self.cache = cache if cache is not None else VerifiedTokenCache()
+        self.keys_epoch = 0  # bumped when a key leaves the JWKS: caches keyed on it start over
         self.last_error: str | None = None
         self.jwks_fetches = 0  # attempts, for metrics and tests
         self.discovery_fetches = 0
@@ -400,8 +401,10 @@ class Provider:
                 log.info("provider %s ready: %d signature key(s)", self.name, len(keys.keys))
             elif {k.kid for k in self._keys} - {k.kid for k in keys}:
                 # Security: a key left the JWKS (retired, maybe compromised): tokens it
-                # verified are verified again rather than served from the cache.
+                # verified are verified again rather than served from a cache (this one, and
+                # every cache that remembers this epoch: auth's bearer identities).
                 self.cache.clear()
+                self.keys_epoch += 1
             self._keys = keys
             self._keys_failed_at = None
             self.last_error = None

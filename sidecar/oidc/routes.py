@@ -21,7 +21,13 @@ from yarl import URL
 
 from sidecar import keys
 from sidecar.auth import login_user
-from sidecar.browser import is_cross_site, is_page_load, login_path, safe_return_target
+from sidecar.browser import (
+    is_cross_site,
+    is_page_load,
+    login_path,
+    safe_return_target,
+    serialized_origin,
+)
 from sidecar.databases import Database
 from sidecar.errors import (
     BadRequest,
@@ -320,11 +326,21 @@ async def oidc_refresh(request: web.Request) -> web.StreamResponse:
     if isinstance(new_refresh, str) and new_refresh and new_refresh != refresh_token:
         body["refresh_token"] = new_refresh
     audit("refresh", user=user.name, provider=provider.name, db=db.name, reason="refresh token")
-    # Security (login CSRF): a page of another site can send a browser here with the
-    # attacker's refresh token; the session cookie would sign the visitor in as the attacker.
-    # Such a request still gets its JSON answer, without the cookie.
-    cookie = not is_cross_site(request.headers)
+    cookie = _may_set_cookie(request, db)
     return await _session_answer(request, db, provider, user, tokens, body, cookie=cookie)
+
+
+def _may_set_cookie(request: web.Request, db: Database) -> bool:
+    """Security (login CSRF): a page of another site can send a browser to the refresh with
+    the attacker's refresh token; the session cookie would sign the visitor in as the
+    attacker. A cross-site request (`Sec-Fetch-Site`) gets its JSON answer without the cookie
+    — unless it is a CORS request from an origin the database's CORS policy lets log in
+    (`cors.origin` / `login_origin`), whose page reads the answer anyway."""
+    if not is_cross_site(request.headers):
+        return True
+    values = request.headers.getall("Origin", ())
+    origin = serialized_origin(values[0]) if len(values) == 1 else None
+    return origin is not None and request.app[keys.CORS][db.name].allows(origin, login=True)
 
 
 async def _grant(

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from sidecar import keys
-from sidecar.browser import Origin, parse_origin
+from sidecar.browser import Origin, parse_origin, serialize_origin
 from sidecar.databases import Database
 from sidecar.errors import BadRequest
 from sidecar.headers import ClientView, client_view
@@ -71,7 +71,7 @@ def own_origins(request: web.Request) -> set[Origin]:
 def cross_site_cookie_use(request: web.Request, db: Database, *, by_cookie: bool) -> bool:
     """The Origin policy, decided here only: True (refuse) when a request that a session
     cookie authenticates carries an `Origin` that is neither the sidecar's own nor listed in
-    `databases.<db>.cors.origin`.
+    `databases.<db>.cors.origin` (for `_session` POST/DELETE: or in `cors.login_origin`).
 
     No Origin: not a browser's cross-site request (native and command-line clients), allowed.
     Security: `null` (sandboxed pages, file: URLs), several Origin headers, or anything not
@@ -87,4 +87,7 @@ def cross_site_cookie_use(request: web.Request, db: Database, *, by_cookie: bool
         return True
     if origin in own_origins(request):
         return False
-    return origin not in {parse_origin(allowed) for allowed in db.config.cors.origin}
+    # One list for both: the CORS policy (sidecar/cors.py) of the database; a login or logout
+    # (`_session` POST/DELETE) may also come from `cors.login_origin`, a websocket (GET) not.
+    policy = request.app[keys.CORS][db.name]
+    return not policy.allows(serialize_origin(origin), login=request.method != "GET")

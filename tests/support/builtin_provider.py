@@ -33,9 +33,10 @@ async def until_ready(sidecar: Sidecar) -> None:
 
 @asynccontextmanager
 async def builtin_sidecar(
-    callback_url: str | None = None, **settings: Any
+    callback_url: str | None = None, cors: dict[str, Any] | None = None, **settings: Any
 ) -> AsyncIterator[Sidecar]:
-    """The sidecar (`settings` added to its config); `callback_url`: the provider's."""
+    """The sidecar (`settings` added to its config); `callback_url`: the provider's; `cors`:
+    the database's cors block."""
     port = free_port()
     provider = {
         "issuer": f"http://127.0.0.1:{port}/{DB}/_oidc_testing",
@@ -50,7 +51,12 @@ async def builtin_sidecar(
         free_port(),
         demo_upstream=True,
         unsupported={"oidc_test_provider": {"enabled": True}},
-        databases={DB: {"oidc": {"default_provider": "test", "providers": {"test": provider}}}},
+        databases={
+            DB: {
+                "oidc": {"default_provider": "test", "providers": {"test": provider}},
+                "cors": cors or {},
+            }
+        },
         **settings,
     )
     async with running_sidecar(config) as sidecar:

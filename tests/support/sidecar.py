@@ -21,6 +21,7 @@ import aiohttp
 import yaml
 from aiohttp import WSMsgType, web
 
+from sidecar import keys
 from sidecar.app import create_admin_app, create_app, make_runner
 from sidecar.config import parse_settings
 from support.redis_server import free_port
@@ -127,6 +128,7 @@ async def running_sidecar(config: dict[str, Any]) -> AsyncIterator[Sidecar]:
     admin_port = int(settings.admin_interface.rpartition(":")[2])
     await web.TCPSite(runner, "127.0.0.1", port).start()
     await web.TCPSite(admin_runner, "127.0.0.1", admin_port).start()
+    app[keys.LIFECYCLE].listening.set()  # as `sidecar run` does
     try:
         yield Sidecar(
             f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", app, port, admin_port
