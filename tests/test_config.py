@@ -573,7 +573,8 @@ def test_plain_words_for_error_types_no_field_raises_today(
 # ------------------------------------------------------------------ review #17 leftovers
 
 REDIRECT_ORIGIN_WORDS = (
-    "is not an origin: scheme://host[:port] (http or https, no path, user, query or fragment)"
+    "is not an origin: scheme://host[:port] "
+    "(http or https, no trailing /, path, user, query or fragment)"
 )
 
 
