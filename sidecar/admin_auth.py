@@ -1,5 +1,13 @@
 """Who may call the admin listener: HTTP Basic (RFC 7617) and/or a bearer secret (RFC 6750),
-compared in constant time. The credential is never logged nor echoed in a reason."""
+compared in constant time. The credential is never logged nor echoed in a reason.
+
+And no web page may: a page open in a developer's browser can reach a loopback admin API by
+a cross-site request or through DNS rebinding (its own name resolving to 127.0.0.1).
+`AdminGuard` refuses (403) every admin request that carries `Origin` (browsers send it on
+cross-site and script requests; probes, Prometheus, curl and SDKs never do), and, when the
+admin API listens on loopback without `admin_auth`, every request whose Host is not a
+loopback name or address or the admin interface's own host. The Host rule is off otherwise:
+in Kubernetes, probes and Prometheus address the pod by IP."""
 
 from __future__ import annotations
 
@@ -13,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import hdrs, web
 
 from sidecar.config import AdminAuthConfig, Settings
-from sidecar.errors import Unauthorized
+from sidecar.errors import Forbidden, Unauthorized
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 REALM = "sidecar admin"
@@ -103,13 +111,7 @@ class AdminAuth:
 def is_loopback(listen: str) -> bool:
     """Whether `host:port` listens on loopback only (`:port` is every interface; a host name
     may resolve anywhere, so only `localhost` and loopback addresses count)."""
-    host = listen.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(listen.rpartition(":")[0].strip("[]"))
 
 
 def exposure_warning(settings: Settings) -> str | None:
@@ -120,3 +122,63 @@ def exposure_warning(settings: Settings) -> str | None:
         f"admin_interface {settings.admin_interface} is not loopback and admin_auth is not set: "
         "anyone who reaches that port can create sessions for any user"
     )
+
+
+def _host_name(value: str) -> str | None:
+    """The host part of a Host header value, lowercase (`[::1]:4985` -> `::1`)."""
+    if value.startswith("["):
+        host, bracket, rest = value[1:].partition("]")
+        return host if bracket and (not rest or rest[1:].isdigit() and rest[0] == ":") else None
+    host, colon, port = value.rpartition(":")
+    if not colon:
+        host = value
+    elif not port.isdigit():
+        return None
+    return host.lower() or None
+
+
+def is_loopback_host(host: str) -> bool:
+    """`localhost` or a loopback address (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class AdminGuard:
+    """The admin listener's single guard: the browser rules (see the module docstring), then
+    `admin_auth`'s credentials when configured (its open paths excepted)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.auth = AdminAuth(settings.admin_auth) if settings.admin_auth is not None else None
+        self.check_host = settings.admin_auth is None and is_loopback(settings.admin_interface)
+        own = _host_name(settings.admin_interface)
+        self._own_host = own.strip("[]") if own else None
+
+    def check_browser(self, request: web.Request) -> None:
+        """Raises Forbidden for a request a web page could have made (Origin, foreign Host)."""
+        if hdrs.ORIGIN in request.headers:
+            raise Forbidden(
+                "admin API: requests from web pages (with an Origin header) are refused"
+            )
+        if not self.check_host:
+            return
+        hosts = request.headers.getall(hdrs.HOST, [])
+        host = _host_name(hosts[0]) if len(hosts) == 1 else None
+        if host is None or not (is_loopback_host(host) or host == self._own_host):
+            raise Forbidden("admin API: Host must name this machine (localhost or 127.0.0.1)")
+
+    def guard_routes(self, defs: list[web.RouteDef]) -> list[web.RouteDef]:
+        if self.auth is not None:
+            defs = self.auth.guard_routes(defs)
+        return [web.route(d.method, d.path, self._guard(d.handler), **d.kwargs) for d in defs]
+
+    def _guard(self, handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            self.check_browser(request)
+            return await handler(request)
+
+        return guarded

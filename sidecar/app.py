@@ -13,7 +13,7 @@ from aiohttp import web, web_response
 
 from sidecar import admin as admin_routes
 from sidecar import cors, keys
-from sidecar.admin_auth import AdminAuth
+from sidecar.admin_auth import AdminGuard
 from sidecar.config import OIDCConfig, Settings
 from sidecar.databases import Databases
 from sidecar.exchanges import Exchanges
@@ -24,9 +24,11 @@ from sidecar.observability import Metrics
 from sidecar.observe import not_found, observed_routes
 from sidecar.oidc import routes as oidc_routes
 from sidecar.oidc import self_fetch
+from sidecar.oidc.login_limit import LoginLimiter
 from sidecar.oidc.provider import Provider, ProviderRegistry, discovery_url
 from sidecar.oidc.test_provider import TestProvider
 from sidecar.proxy import Forwarder, make_client_session
+from sidecar.server import SidecarRunner
 from sidecar.sessions import routes as session_routes
 from sidecar.sessions.store import create_store
 from sidecar.sgbridge import SessionBridge
@@ -49,7 +51,7 @@ MAX_LINE_SIZE = 16 * 1024
 def make_runner(app: web.Application, *, shutdown_timeout: float) -> web.AppRunner:
     """How both listeners are served. handler_cancellation: a client that goes away cancels
     its handler, which closes the upstream connection (the Forwarder relies on it)."""
-    return web.AppRunner(
+    return SidecarRunner(  # aiohttp's own refusals answered as JSON (sidecar.server)
         app,
         access_log=None,  # one line per request comes from `observe`
         handle_signals=False,
@@ -68,6 +70,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     app[keys.LIFECYCLE] = Lifecycle()
     app[keys.EXCHANGES] = Exchanges()
     app[keys.BEARER_IDENTITIES] = BearerIdentities()
+    app[keys.LOGIN_LIMITER] = LoginLimiter(settings.login_rate_limit)
     app[keys.TRUSTED_NETWORKS] = tuple(
         ipaddress.ip_network(n, strict=False) for n in settings.trusted_proxies
     )
@@ -93,7 +96,16 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None) -> web.App
     defs = [web.get("/_health", live), web.get("/_ready", ready)]
     defs += oidc_routes.routes() + session_routes.routes()
     if settings.unsupported.oidc_test_provider.enabled:
-        test_provider = TestProvider(public_url=settings.public_url)
+        test_provider = TestProvider(
+            public_url=settings.public_url,
+            callback_urls=[
+                provider.callback_url
+                for conf in settings.databases.values()
+                if conf.oidc is not None
+                for provider in conf.oidc.providers.values()
+                if provider.callback_url
+            ],
+        )
         defs += oidc_routes.without_referrer(test_provider.routes(prefix="/{db}/_oidc_testing"))
     # The sidecar's own endpoints get the Host/framing check before their handler (they build
     # URLs from the Host); the proxied routes make it themselves, once.
@@ -212,7 +224,7 @@ async def _refresh(provider: Provider, listening: asyncio.Event) -> None:
 
 def create_admin_app(public: web.Application) -> web.Application:
     """The admin listener: health, metrics and (with the login flow) the user/session API;
-    behind `admin_auth` when configured (its open paths excepted)."""
+    behind AdminGuard: no web page may use it, and `admin_auth` when configured."""
     admin = web.Application(client_max_size=1024**2)
     admin[keys.PUBLIC_APP] = public
     defs = [
@@ -222,9 +234,8 @@ def create_admin_app(public: web.Application) -> web.Application:
         *admin_routes.routes(),
         web.route("*", "/{tail:.*}", not_found),
     ]
-    auth_config = public[keys.SETTINGS].admin_auth
-    if auth_config is not None:
-        defs = AdminAuth(auth_config).guard_routes(defs)
+    # One guard: no web page (Origin, DNS-rebinding Host), then admin_auth when configured.
+    defs = AdminGuard(public[keys.SETTINGS]).guard_routes(defs)
     admin.add_routes(observed_routes(defs))
     return admin
 

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from urllib.parse import unquote, urlsplit
 
 from yarl import URL
 
-MAX_RETURN_TARGET = 2048
+MAX_RETURN_TARGET = 1024  # bounds the login state anyone can make the store hold
 _HTML_TYPES = frozenset({"text/html", "application/xhtml+xml"})
 # RFC 7231 5.3.1: qvalue = ( "0" [ "." 0*3DIGIT ] ) / ( "1" [ "." 0*3("0") ] )
 _QVALUE = re.compile(r"(?:0(?:\.\d{0,3})?|1(?:\.0{0,3})?)")
@@ -67,6 +68,12 @@ def is_page_load(method: str, headers: Mapping[str, str]) -> bool:
     return accepts_html(headers.get("Accept", ""))
 
 
+def is_cross_site(headers: Mapping[str, str]) -> bool:
+    """Whether the browser says a page of another site caused this request
+    (`Sec-Fetch-Site: cross-site`; `same-site`, `same-origin`, `none` or no header: not)."""
+    return headers.get("Sec-Fetch-Site", "").strip().lower() == "cross-site"
+
+
 def may_redirect_to_login(method: str, headers: Mapping[str, str]) -> bool:
     """Whether a request that failed authentication may be answered with a redirect to the
     login instead of a 401: a page load by GET/HEAD (a form POST would lose its body) that
@@ -114,33 +121,59 @@ def _safe_path_reading(text: str) -> bool:
     return not any(segment in (".", "..") for segment in segments)
 
 
-def _origin_of(scheme: str, host: str, port: int | None) -> str:
-    port = port if port is not None else _DEFAULT_PORTS[scheme]
-    return f"{scheme}://{host}:{port}"
+Origin = tuple[str, str, int | None]  # scheme, host (lowercase), port (default filled in)
+
+# RFC 6454 6.2 (serialized origin): scheme "://" host [":" port]; an IPv6 literal in brackets.
+_ORIGIN = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://"
+    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+)"
+    r"(?::(?P<port>[0-9]{1,5}))?"
+)
+# A DNS name (LDH labels, `_` tolerated as in service names) or IPv4 dotted quad.
+_ORIGIN_HOST = re.compile(
+    r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+)
+_DEFAULT_ORIGIN_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
-def parse_origin(value: str) -> str | None:
-    """An allow-listed origin, `scheme://host[:port]` (http/https, a DNS name or IPv4, no
-    path, user, query or fragment), normalised to `scheme://host:port`; None if not one."""
-    if not value.isascii() or _has_control(value) or any(c in value for c in " \\@?#%"):
+def parse_origin(text: str) -> Origin | None:
+    """`text` as an origin, normalised (scheme and host lowercased, default port filled in),
+    or None when it is not exactly one serialized origin: `scheme://host[:port]`, a DNS name,
+    IPv4 or bracketed IPv6 host, port 1-65535; no trailing `/`, user, path, query, fragment,
+    spaces or `null`. The one parser of origins, for the Origin header and every configured
+    origin list alike (`cors.origin`, `allowed_redirect_origins`)."""
+    match = _ORIGIN.fullmatch(text)
+    if match is None:
         return None
-    scheme, sep, rest = value.partition("://")
-    if not sep or scheme.lower() not in _DEFAULT_PORTS:
-        return None
-    rest = rest.removesuffix("/")
-    host, colon, port_text = rest.partition(":")
-    host = host.lower()
-    if not _HOST.fullmatch(host):
-        return None
-    port: int | None = None
-    if colon:
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536 or len(port_text) > 5:
+    scheme, host = match["scheme"].lower(), match["host"].lower()
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
             return None
-        port = int(port_text)
-    return _origin_of(scheme.lower(), host, port)
+    elif not _ORIGIN_HOST.fullmatch(host):
+        return None
+    port = int(match["port"]) if match["port"] else _DEFAULT_ORIGIN_PORTS.get(scheme)
+    if port is not None and not 0 < port < 65536:
+        return None
+    return scheme, host, port
 
 
-def _absolute_target_origin(raw: str) -> str | None:
+def serialize_origin(origin: Origin) -> str:
+    """`origin` as browsers send it in `Origin` (RFC 6454 6.2: lowercase scheme and host, the
+    port only when it is not the scheme's default)."""
+    scheme, host, port = origin
+    shown = port is not None and port != _DEFAULT_ORIGIN_PORTS.get(scheme)
+    return f"{scheme}://{host}:{port}" if shown else f"{scheme}://{host}"
+
+
+def serialized_origin(text: str) -> str | None:
+    """`text` as browsers send it in `Origin`, or None when it is not an origin."""
+    origin = parse_origin(text)
+    return None if origin is None else serialize_origin(origin)
+
+
+def _absolute_target_origin(raw: str) -> Origin | None:
     """The normalised origin of an absolute http(s) target, or None when it is anything
     else or anything ambiguous (user info, an encoded or odd host, a non-number port)."""
     scheme, sep, rest = raw.partition("://")
@@ -162,7 +195,8 @@ def _absolute_target_origin(raw: str) -> str | None:
     for reading in _decodings(raw[len(scheme) + 3 + len(authority) :]):
         if "\\" in reading or _has_control(reading):
             return None
-    return _origin_of(scheme.lower(), host, port)
+    scheme = scheme.lower()
+    return scheme, host, port if port is not None else _DEFAULT_PORTS[scheme]
 
 
 def safe_return_target(raw: str | None, allowed_origins: Iterable[str] = ()) -> str | None:

@@ -26,7 +26,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, core_schema
 
-from sidecar.browser import parse_origin, safe_return_target
+from sidecar.browser import parse_origin, safe_return_target, serialized_origin
 
 DEFAULT_SCOPE = ("openid", "email")
 PROVIDER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.\-]*$")  # Sync Gateway: no "_"
@@ -224,8 +224,6 @@ class SyncGatewayBridge(Model):
 def _cors_origin(value: str) -> str:
     """An origin as browsers serialize it (RFC 6454 6.2: lowercase scheme and host, no default
     port), so that a request's `Origin` compares with it exactly."""
-    from sidecar.sessions.origin import serialized_origin
-
     if value == "*":
         # Security: a wildcard would let every web site use a visitor's cookie session.
         raise ValueError("'*' is not allowed: it would let any site use a visitor's session")
@@ -266,10 +264,11 @@ class CORSConfig(Model):
 
 
 def _redirect_origin(value: str) -> str:
-    if parse_origin(value) is None:
+    origin = parse_origin(value)
+    if origin is None or origin[0] not in ("http", "https"):
         raise ValueError(
             f"{value!r} is not an origin: scheme://host[:port] (http or https, "
-            "no path, user, query or fragment)"
+            "no trailing /, path, user, query or fragment)"
         )
     return value
 
@@ -326,6 +325,17 @@ class SessionConfig(Model):
     cookie_secure: Literal["auto", "always", "never"] = "auto"
     # Sessions are cached locally for this long at most; invalidation via pub/sub is immediate.
     local_cache_seconds: float = Field(default=30.0, ge=0, le=300)
+
+
+class LoginRateLimitConfig(Model):
+    """How many logins (`/{db}/_oidc`, `_oidc_challenge`) this process starts: a token bucket
+    per client address and one for the whole process; each start stores login state for 5
+    minutes, so this bounds what anonymous callers can make the session store hold."""
+
+    per_client_burst: int = Field(default=30, ge=1, le=1_000_000)
+    per_client_per_minute: float = Field(default=30.0, gt=0, le=1_000_000)
+    total_burst: int = Field(default=600, ge=1, le=1_000_000)
+    total_per_minute: float = Field(default=1200.0, gt=0, le=10_000_000)
 
 
 class TestProviderConfig(Model):
@@ -408,6 +418,7 @@ class Settings(Model):
     strip_request_headers: tuple[str, ...] = ()
     clock_skew_seconds: int = Field(default=60, ge=0, le=600)
     session: SessionConfig = SessionConfig()
+    login_rate_limit: LoginRateLimitConfig = LoginRateLimitConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()
     unsupported: UnsupportedConfig = UnsupportedConfig()
     logging: LoggingConfig = LoggingConfig()
@@ -428,6 +439,16 @@ class Settings(Model):
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         return None if value is None else _http_url(value, what="URL")
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        # The sidecar's URLs and cookie paths are built under it: a base, nothing after.
+        if value is not None and ("?" in value or "#" in value):
+            raise ValueError(
+                "must not have a query or fragment (a base URL, e.g. https://host/prefix)"
+            )
+        return value
 
     @field_validator("session_store")
     @classmethod

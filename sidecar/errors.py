@@ -8,6 +8,7 @@ SidecarError (500)
 ├── NotFound (404)                unknown database, no session
 ├── MethodNotAllowed (405)
 ├── PayloadTooLarge (413)
+├── TooManyRequests (429)         login starts over the rate limit (Retry-After)
 ├── Unimplemented (501)           a transfer coding the sidecar does not implement
 ├── UpstreamError (502)           upstream refused / broke the connection
 │   └── ProviderError (502)       OpenID Provider unreachable or answered nonsense
@@ -65,6 +66,10 @@ class MethodNotAllowed(SidecarError):
 
 class PayloadTooLarge(SidecarError):
     status = 413
+
+
+class TooManyRequests(SidecarError):
+    status = 429
 
 
 class Unimplemented(SidecarError):

@@ -15,6 +15,7 @@ from sidecar.identity import Identity
 from sidecar.identity_cache import BearerIdentities
 from sidecar.lifecycle import Lifecycle
 from sidecar.observability import Metrics
+from sidecar.oidc.login_limit import LoginLimiter
 from sidecar.proxy import Forwarder
 from sidecar.sessions.store import SessionStore
 from sidecar.sgbridge import SessionBridge
@@ -31,6 +32,7 @@ TRUSTED_NETWORKS = web.AppKey[Sequence[IPv4Network | IPv6Network]]("trusted_netw
 SG_BRIDGES = web.AppKey[dict[str, SessionBridge]]("sg_bridges")  # by database name
 BEARER_IDENTITIES = web.AppKey[BearerIdentities]("bearer_identities")
 CORS = web.AppKey[dict[str, CorsPolicy]]("cors")  # by database name
+LOGIN_LIMITER = web.AppKey[LoginLimiter]("login_limiter")  # oidc.login_limit
 PUBLIC_APP = web.AppKey[web.Application]("public_app")  # the admin app reaches the public one
 
 # Request state.

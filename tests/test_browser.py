@@ -72,28 +72,44 @@ def test_return_target_without_allow_list_is_same_origin_only() -> None:
 @pytest.mark.parametrize(
     ("origin", "normalised"),
     [
-        ("https://app.example.com", "https://app.example.com:443"),
-        ("https://app.example.com/", "https://app.example.com:443"),
-        ("HTTPS://App.Example.com:443", "https://app.example.com:443"),
-        ("http://localhost:8080", "http://localhost:8080"),
-        ("http://127.0.0.1:3000", "http://127.0.0.1:3000"),
+        ("https://app.example.com", ("https", "app.example.com", 443)),
+        ("https://app.example.com/", None),  # a URL, not an origin
+        ("HTTPS://App.Example.com:443", ("https", "app.example.com", 443)),
+        ("http://localhost:8080", ("http", "localhost", 8080)),
+        ("http://127.0.0.1:3000", ("http", "127.0.0.1", 3000)),
+        ("http://[::1]:8080", ("http", "[::1]", 8080)),
+        ("https://[::1]", ("https", "[::1]", 443)),
+        ("http://my_host.internal", ("http", "my_host.internal", 80)),
+        ("capacitor://localhost", ("capacitor", "localhost", None)),  # an app's web view
         ("https://app.example.com/path", None),
+        ("https://app.example.com//", None),
         ("https://app.example.com?x", None),
+        ("https://app.example.com#x", None),
         ("https://user@app.example.com", None),
         ("https://*.example.com", None),
         ("app.example.com", None),
         ("//app.example.com", None),
-        ("javascript://app.example.com", None),
         ("https://app.example.com:0", None),
         ("https://app.example.com:99999", None),
-        ("https://[::1]", None),
+        ("https://app.example.com:", None),
+        ("https://[not:ip]", None),
+        ("https://[::1", None),
         ("https://app.example.com.", None),
+        ("https://app..example.com", None),
+        ("https://-app.example.com", None),
         ("https://ápp.example.com", None),
         ("https://app example.com", None),
+        ("https://app.example.com ", None),
+        (" https://app.example.com", None),
+        ("https://app.example.com\r\n", None),
+        ("https://%61pp.example.com", None),
+        ("null", None),
+        ("*", None),
         ("", None),
     ],
 )
-def test_parse_origin(origin: str, normalised: str | None) -> None:
+def test_parse_origin(origin: str, normalised: tuple[str, str, int | None] | None) -> None:
+    """The one origin parser: the Origin header, `cors.origin` and `allowed_redirect_origins`."""
     assert parse_origin(origin) == normalised
 
 
@@ -104,12 +120,10 @@ def test_allowed_redirect_origins_are_checked_at_load() -> None:
     )
     assert ok.databases["db"].allowed_redirect_origins == ("https://app.example.com",)
     assert ok.databases["db"].browser_login is True
-    with pytest.raises(ConfigError) as caught:
-        parse_settings(
-            base
-            | {"databases": {"db": {"allowed_redirect_origins": ["https://app.example.com/x"]}}}
-        )
-    assert caught.value.problems[0].startswith("databases.db.allowed_redirect_origins.0:")
+    for bad in ("https://app.example.com/x", "https://app.example.com/", "capacitor://localhost"):
+        with pytest.raises(ConfigError) as caught:
+            parse_settings(base | {"databases": {"db": {"allowed_redirect_origins": [bad]}}})
+        assert caught.value.problems[0].startswith("databases.db.allowed_redirect_origins.0:")
     with pytest.raises(ConfigError) as caught:
         parse_settings(base | {"databases": {"db": {"browser_login": "sometimes"}}})
     assert caught.value.problems[0].startswith("databases.db.browser_login:")

@@ -373,6 +373,9 @@ def test_provider_field_errors(fields: dict[str, Any], path: str) -> None:
         ({"databases": {"db": {}}}, "upstream: required"),
         (doc(upstream="ftp://u"), "upstream: "),
         (doc(public_url="sync.example.com"), "public_url: "),
+        (doc(public_url="https://sync.example.com/p?x=1"), "public_url: must not have a query"),
+        (doc(public_url="https://sync.example.com/?"), "public_url: must not have a query"),
+        (doc(public_url="https://sync.example.com/p#f"), "public_url: must not have a query"),
         (
             doc(databases={"db": {"session_cookie_name": "a=b"}}),
             "databases.db.session_cookie_name: ",
@@ -570,7 +573,8 @@ def test_plain_words_for_error_types_no_field_raises_today(
 # ------------------------------------------------------------------ review #17 leftovers
 
 REDIRECT_ORIGIN_WORDS = (
-    "is not an origin: scheme://host[:port] (http or https, no path, user, query or fragment)"
+    "is not an origin: scheme://host[:port] "
+    "(http or https, no trailing /, path, user, query or fragment)"
 )
 
 

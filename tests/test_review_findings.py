@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 from conftest import admin_session, raw_http
+from support.builtin_provider import until_ready
 from support.chromium import Chromium, executable
 from support.redis_server import free_port
 from support.sidecar import ROOT, Sidecar, Upstream, base_config, running_sidecar
@@ -100,7 +101,7 @@ async def test_sign_out_in_chromium() -> None:
         Chromium.launch() as chrome,
         chrome.page("review-sign-out") as page,
     ):
-        await _until_ready(sidecar)
+        await until_ready(sidecar)
         await page.goto(f"{base}/{DB}/page")
         await page.fill("#username", "alice")
         await page.click_text("button", "Sign in")
@@ -116,18 +117,6 @@ async def test_sign_out_in_chromium() -> None:
             except Exception:  # mid-navigation
                 continue
         assert title == "Signed out", await page.text()
-
-
-async def _until_ready(sidecar: Sidecar) -> None:
-    """The built-in test provider is discovered over HTTP from the sidecar itself."""
-    deadline = time.monotonic() + 10
-    async with aiohttp.ClientSession() as http:
-        while time.monotonic() < deadline:
-            async with http.get(f"{sidecar.admin_url}/_ready") as response:
-                if response.status == 200:
-                    return
-            await asyncio.sleep(0.05)
-    raise AssertionError("sidecar not ready")
 
 
 # --- 2. Session ids in the admin listener's access log ------------------------------------------
@@ -324,12 +313,6 @@ def test_port_in_use_is_one_clear_line(tmp_path: Any) -> None:
 # --- 9. aiohttp's own 400 quotes the request's bytes back (HttpOnly bypass) ---------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review #9: a request aiohttp's parser refuses gets aiohttp's text/plain 400 quoting "
-    "the offending header: an oversized Cookie header (cookie bombing from any script on the "
-    "origin) returns the HttpOnly session id to that script; README: errors are JSON",
-)
 async def test_oversized_cookie_header_is_not_quoted_back(upstream: Upstream) -> None:
     async with _sidecar(upstream.url) as sidecar:
         session_id = await admin_session(sidecar.admin_url, DB, "alice")
@@ -349,12 +332,6 @@ async def test_oversized_cookie_header_is_not_quoted_back(upstream: Upstream) ->
 # --- 10. Two tabs signing in at once -------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review #10: one sg-oidc-state cookie per browser: a second login started in another "
-    "tab (two protected pages opened after the session ended) makes the first fail with "
-    "'State mismatch' (oauth2-proxy names its CSRF cookie per state for this)",
-)
 async def test_two_tabs_signing_in_at_once_both_land() -> None:
     port, admin_port = free_port(), free_port()
     issuer = f"http://127.0.0.1:{port}/{DB}/_oidc_testing"
@@ -377,7 +354,7 @@ async def test_two_tabs_signing_in_at_once_both_land() -> None:
         running_sidecar(config) as sidecar,
         aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http,
     ):
-        await _until_ready(sidecar)
+        await until_ready(sidecar)
         callbacks = []
         for tab in ("tab1", "tab2"):  # both logins start before either comes back
             async with http.get(
@@ -390,20 +367,20 @@ async def test_two_tabs_signing_in_at_once_both_land() -> None:
                 allow_redirects=False,
             ) as response:
                 callbacks.append(response.headers["Location"])
-        async with http.get(callbacks[0], headers=page, allow_redirects=False) as response:
-            assert response.status == 302, await response.text()
-            assert response.headers["Location"].endswith(f"/{DB}/tab1")
+        for tab, callback in zip(("tab1", "tab2"), callbacks, strict=True):
+            async with http.get(callback, headers=page, allow_redirects=False) as response:
+                assert response.status == 302, await response.text()
+                landing = response.headers["Location"]  # the did-the-cookie-stick hop
+            async with http.get(
+                f"{base}{landing}", headers=page, allow_redirects=False
+            ) as response:
+                assert response.status == 302, await response.text()
+                assert response.headers["Location"].endswith(f"/{DB}/{tab}")
 
 
 # --- 11. public_url with a path prefix -------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review #11: with public_url https://host/prefix the login redirect is built under "
-    "/prefix, but the session (and sg-oidc-state) cookies keep Path=/db: the browser, at "
-    "/prefix/db/..., never sends them back (a login loop)",
-)
 async def test_cookie_path_follows_the_public_url_prefix(upstream: Upstream) -> None:
     async with _sidecar(upstream.url, public_url="https://sync.example.com/prefix") as sidecar:
         session_id = await admin_session(sidecar.admin_url, DB, "alice")

@@ -33,7 +33,6 @@ from sidecar import keys
 from sidecar.app import create_admin_app, create_app, make_runner
 from sidecar.config import parse_settings
 from sidecar.sessions.cookies import private_cache_control
-from sidecar.sessions.origin import parse_origin
 
 DB = "db"
 COOKIE = "SyncGatewaySession"
@@ -580,30 +579,7 @@ async def test_own_origin_behind_a_proxy(
         assert status == (200 if allowed else 400)
 
 
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        ("https://a.example", ("https", "a.example", 443)),
-        ("HTTPS://A.Example:443", ("https", "a.example", 443)),
-        ("http://a.example:8080", ("http", "a.example", 8080)),
-        ("http://[::1]:8080", ("http", "[::1]", 8080)),
-        ("capacitor://localhost", ("capacitor", "localhost", None)),
-        ("http://a.example:65536", None),
-        ("http://a.example:", None),
-        ("http://", None),
-        ("https://a.example/", None),
-        ("https://u@a.example", None),
-        ("https://a.example ", None),
-        (" https://a.example", None),
-        ("https://a b", None),
-        ("https://a.example\r\n", None),
-        ("null", None),
-        ("*", None),
-        ("", None),
-    ],
-)
-def test_parse_origin(text: str, expected: tuple[str, str, int | None] | None) -> None:
-    assert parse_origin(text) == expected
+# parse_origin's own cases: tests/test_browser.py (one parser for every origin).
 
 
 @pytest.mark.parametrize(

@@ -43,7 +43,7 @@ async def test_admin_body_split_across_packets_is_read_whole(upstream: Upstream)
     async with running_sidecar(config):
         reader, writer = await asyncio.open_connection("127.0.0.1", admin)
         head = (
-            f"PUT /db/_user/split HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"PUT /db/_user/split HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
         ).encode()
         writer.write(head + body[:10])

@@ -9,12 +9,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from aiohttp import ClientResponse, web
+from aiohttp import ClientResponse, ClientSession, web
 from aiohttp.test_utils import TestClient
 from joserfc import jwt
 from joserfc.jwk import KeySet
 from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpClient
+from support.builtin_provider import builtin_sidecar
 from yarl import URL
 
 from sidecar.oidc.test_provider import TestProvider
@@ -49,7 +50,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def provider(clock: Clock) -> TestProvider:
-    return TestProvider(clock=clock)
+    return TestProvider(clock=clock, callback_urls=[REDIRECT])
 
 
 async def _serve(aiohttp_client: AiohttpClient, provider: TestProvider) -> Client:
@@ -127,7 +128,10 @@ async def test_discovery(client: Client) -> None:
 
 
 async def test_discovery_under_public_url(aiohttp_client: AiohttpClient) -> None:
-    client = await _serve(aiohttp_client, TestProvider(public_url="https://sync.example.com/"))
+    client = await _serve(
+        aiohttp_client,
+        TestProvider(public_url="https://sync.example.com/", callback_urls=[REDIRECT]),
+    )
     doc = await (await client.get(f"{BASE}/.well-known/openid-configuration")).json()
     assert doc["issuer"] == "https://sync.example.com/db/_oidc_testing"
     assert doc["token_endpoint"] == "https://sync.example.com/db/_oidc_testing/token"
@@ -189,7 +193,7 @@ async def test_authorize_escapes_every_echoed_value(client: Client) -> None:
         **AUTH,
         "client_id": f"<b>{hostile}",
         "state": hostile,
-        "redirect_uri": 'http://127.0.0.1:9/cb?x="><script>alert(1)</script>',
+        "redirect_uri": 'http://127.0.0.1:9/db/_oidc_callback?x="><script>alert(1)</script>',
         f'extra"{hostile}': hostile,
     }
     response = await client.get(f"{BASE}/authorize", params=params)
@@ -412,7 +416,7 @@ async def test_code_bound_to_client_and_redirect(
 
 
 async def test_old_codes_are_evicted(aiohttp_client: AiohttpClient) -> None:
-    client = await _serve(aiohttp_client, TestProvider(max_entries=2))
+    client = await _serve(aiohttp_client, TestProvider(max_entries=2, callback_urls=[REDIRECT]))
     codes = [await login(client) for _ in range(3)]
     assert (await exchange(client, codes[0])).status == 400
     assert (await exchange(client, codes[1])).status == 200
@@ -543,6 +547,62 @@ BROWSER_GET_CASES: list[tuple[str, str, dict[str, str], int]] = [
         400,
     ),
     ("cancel-no-openid", "authenticate", _query(notauthenticated="1", scope="email"), 400),
+    # Never an open redirector: only the sidecar's own callback (or a configured one).
+    ("redirect-foreign-host", "authorize", _query(redirect_uri="http://evil.example/cb"), 400),
+    (
+        "authn-foreign-host",
+        "authenticate",
+        _query(username="a", redirect_uri="http://evil.example/db/_oidc_callback"),
+        400,
+    ),
+    (
+        "cancel-foreign-host",
+        "authenticate",
+        _query(notauthenticated="1", redirect_uri="http://evil.example/db/_oidc_callback"),
+        400,
+    ),
+    (
+        "authn-other-port",
+        "authenticate",
+        _query(username="a", redirect_uri="http://127.0.0.1:10/db/_oidc_callback"),
+        400,
+    ),
+    (
+        "authn-other-path",
+        "authenticate",
+        _query(username="a", redirect_uri="http://127.0.0.1:9/db/_oidc_callback/x"),
+        400,
+    ),
+    (
+        "authn-other-db",
+        "authenticate",
+        _query(username="a", redirect_uri="http://127.0.0.1:9/other/_oidc_callback"),
+        400,
+    ),
+    (
+        "authn-https-instead",
+        "authenticate",
+        _query(username="a", redirect_uri="https://127.0.0.1:9/db/_oidc_callback"),
+        400,
+    ),
+    (
+        "authn-userinfo",
+        "authenticate",
+        _query(username="a", redirect_uri="http://evil.example@127.0.0.1:9/db/_oidc_callback"),
+        400,  # user info: never the sidecar's own URL
+    ),
+    (
+        "authn-loopback-alias",  # 127.0.0.1 and localhost are one machine
+        "authenticate",
+        _query(username="a", redirect_uri="http://localhost:9/db/_oidc_callback"),
+        302,
+    ),
+    (
+        "authn-configured-with-query",
+        "authenticate",
+        _query(username="a", redirect_uri="http://127.0.0.1:9/db/_oidc_callback?provider=x"),
+        302,
+    ),
 ]
 
 
@@ -560,6 +620,8 @@ async def test_hostile_browser_requests(
         body = await response.json()
         assert body["error"] == "Bad Request" and body["reason"]
         assert "Location" not in response.headers  # security: never redirect unvalidated
+        assert response.headers["Cache-Control"] == "no-store"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
 
 
 # (id, method, path, raw query, body, content type, expected status)
@@ -754,6 +816,40 @@ async def test_token_body_too_large(client: Client) -> None:
     )
     assert response.status == 413
     assert response.content_type == "application/json"
+
+
+# --- mounted in the sidecar: codes only for the sidecar's own callback -------------------------
+
+
+@pytest.mark.parametrize(
+    ("redirect_uri", "status"),
+    [
+        ("{base}/db/_oidc_callback", 302),
+        ("{base}/db/_oidc_callback?provider=test", 302),
+        ("https://sync.example.com/cb", 302),  # a provider's configured callback_url
+        ("http://evil.example/cb", 400),
+        ("http://evil.example/db/_oidc_callback", 400),
+        ("{base}/other/_oidc_callback", 400),
+        ("{base}/db/_oidc_callback/../../evil", 400),
+        ("https://sync.example.com/cb/x", 400),
+    ],
+)
+async def test_mounted_provider_redirects_only_to_the_sidecars_callbacks(
+    redirect_uri: str, status: int
+) -> None:
+    async with builtin_sidecar(callback_url="https://sync.example.com/cb") as sidecar:
+        params = {**AUTH, "redirect_uri": redirect_uri.format(base=sidecar.url)}
+        async with ClientSession() as http:
+            async with http.post(
+                f"{sidecar.url}/db/_oidc_testing/authenticate",
+                params=params,
+                data={"username": "alice", "authenticated": "1"},
+                allow_redirects=False,
+            ) as response:
+                assert response.status == status, await response.text()
+                if status == 400:
+                    assert "Location" not in response.headers
+                    assert response.headers["X-Content-Type-Options"] == "nosniff"
 
 
 async def test_self_hosted_discovery_waits_for_the_listener(

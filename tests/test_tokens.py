@@ -364,6 +364,23 @@ HOSTILE: list[tuple[str, Callable[[], str], dict[str, Any], str]] = [
         {},
         "malformed",
     ),
+    # Back-Channel Logout 1.0 2.4: a logout token (typ JWT, with an exp) is no ID token
+    (
+        "logout token typed JWT with exp",
+        lambda: mint(
+            RSA,
+            claims(
+                nonce=None,
+                jti="j-1",
+                sid="s-1",
+                events={"http://schemas.openid.net/event/backchannel-logout": {}},
+            ),
+            header={**header_for(RSA), "typ": "JWT"},
+        ),
+        {},
+        "events",
+    ),
+    ("any events claim", lambda: mint(RSA, claims(events={})), {}, "events"),
     # integrity
     ("tampered payload", _tamper_payload, {}, "signature"),
     ("tampered signature", _tamper_signature, {}, "signature"),
@@ -505,6 +522,7 @@ def test_cache_ignores_claims_without_numeric_exp(exp: Any) -> None:
         ("signature", True),
         ("malformed", True),
         ("audience", True),
+        ("events", True),
         ("unknown_kid", False),  # a key rotation can make it valid
         ("not_yet_valid", False),  # time makes it valid
         ("iat", False),

@@ -17,7 +17,7 @@ from yarl import URL
 
 from sidecar import keys
 from sidecar.auth import session_cookie
-from sidecar.browser import logout_csrf_ok, logout_csrf_token, safe_return_target
+from sidecar.browser import logout_csrf_ok, logout_csrf_token, parse_origin, safe_return_target
 from sidecar.databases import Database
 from sidecar.errors import BadRequest, Forbidden, ProviderError
 from sidecar.observability import audit
@@ -26,7 +26,7 @@ from sidecar.oidc.tokens import peek_claims
 from sidecar.pages import esc, page, redirect, sign_out_form
 from sidecar.sessions.cookies import expire_session_cookie
 from sidecar.sessions.models import Session, hash_session_id, is_well_formed_session_id
-from sidecar.sessions.origin import own_origins, parse_origin, public_base
+from sidecar.sessions.origin import own_origins, public_base
 
 log = logging.getLogger("sidecar.oidc")
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import hmac
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
@@ -21,13 +21,20 @@ from yarl import URL
 
 from sidecar import keys
 from sidecar.auth import login_user
-from sidecar.browser import is_page_load, login_path, safe_return_target
+from sidecar.browser import (
+    is_cross_site,
+    is_page_load,
+    login_path,
+    safe_return_target,
+    serialized_origin,
+)
 from sidecar.databases import Database
 from sidecar.errors import (
     BadRequest,
     NotFound,
     ProviderError,
     SidecarError,
+    TooManyRequests,
     Unauthorized,
     outside_text,
 )
@@ -35,12 +42,15 @@ from sidecar.observability import audit
 from sidecar.oidc import logout
 from sidecar.oidc.browser_answers import LANDED, browser_answer, landing, replayed_callback
 from sidecar.oidc.client import LoginRequest, authorization_url, new_login, token_request
+from sidecar.oidc.login_limit import client_address
 from sidecar.oidc.provider import Provider, ProviderRegistry
 from sidecar.oidc.single_flight import single_flight
 from sidecar.oidc.tokens import TokenError
 from sidecar.sessions.cookies import (
     STATE_COOKIE,
-    expire_state_cookie,
+    STATE_COOKIE_TTL,
+    holds_state,
+    release_state_cookie,
     set_session_cookie,
     set_state_cookie,
 )
@@ -49,7 +59,7 @@ from sidecar.sessions.origin import public_base
 
 log = logging.getLogger("sidecar.oidc")
 
-STATE_TTL = 300  # seconds a login may take, as Sync Gateway's state cookie
+STATE_TTL = STATE_COOKIE_TTL  # seconds a login may take, as Sync Gateway's state cookie
 REFRESH_BINDING_TTL = 90 * 86400
 # What a refresh shares with concurrent callers of the same token (sealed, seconds-long).
 REFRESH_SHARED = ("id_token", "refresh_token", "access_token", "token_type", "expires_in")
@@ -99,8 +109,22 @@ def callback_url(
     return str(url)
 
 
+def _check_login_rate(request: web.Request) -> None:
+    """Raises TooManyRequests (429, Retry-After) when this login start is over the limit of
+    its client or of the process (`login_rate_limit`, oidc.login_limit)."""
+    client = client_address(request.remote, request.headers, request.app[keys.TRUSTED_NETWORKS])
+    wait = request.app[keys.LOGIN_LIMITER].admit(client)
+    if wait > 0:
+        log.info("login start refused: rate limit", extra={"db": request.get(keys.DB_NAME)})
+        raise TooManyRequests(
+            "too many logins started: try again later",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
+
+
 async def _start_login(request: web.Request) -> tuple[str, Database]:
     db, registry = _registry(request)
+    _check_login_rate(request)  # before anything is stored
     provider = _provider(registry, _param(request, "provider"))
     if provider.config.validation_key is None:
         raise BadRequest(
@@ -124,7 +148,10 @@ async def _start_login(request: web.Request) -> tuple[str, Database]:
 def _return_target(request: web.Request, db: Database) -> str | None:
     """The `rd` parameter when it is a safe place to land after the login, else None (the
     callback then shows the signed-in page)."""
-    raw = _param(request, "rd")
+    values = request.query.getall("rd", [])
+    if len(values) > 1:
+        raise BadRequest("rd given more than once")
+    raw = values[0] if values else None  # too long: refused below, like any unsafe target
     if raw is None:
         return None
     target = safe_return_target(raw, db.config.allowed_redirect_origins)
@@ -140,7 +167,7 @@ def _state_of(url: str) -> str:
 async def oidc(request: web.Request) -> web.StreamResponse:
     url, db = await _start_login(request)
     response = web.Response(status=302, headers={"Location": url})
-    set_state_cookie(request, response, db, _state_of(url), STATE_TTL)
+    set_state_cookie(request, response, db, _state_of(url))
     return response
 
 
@@ -156,7 +183,7 @@ async def oidc_challenge(request: web.Request) -> web.StreamResponse:
         status=401,
         headers={"WWW-Authenticate": f"OIDC login={go_quote(url)}"},
     )
-    set_state_cookie(request, response, db, _state_of(url), STATE_TTL)
+    set_state_cookie(request, response, db, _state_of(url))
     return response
 
 
@@ -213,8 +240,9 @@ async def oidc_callback(request: web.Request) -> web.StreamResponse:
         cookie = request.cookies.get(STATE_COOKIE)
         if cookie is None:
             raise StateRejected("OIDC Auth Failure: No state cookie found for callback")
-        # Security: the state must come back to the browser that started the login.
-        if state is None or not hmac.compare_digest(cookie.encode(), state.encode()):
+        # Security: the state must come back to the browser that started the login (one
+        # of the logins pending in it: tabs may sign in at once).
+        if state is None or not holds_state(cookie, state):
             raise StateRejected("OIDC Auth Failure: State mismatch")
     if not state:
         raise BadRequest("OIDC Auth Failure: State mismatch")
@@ -251,7 +279,7 @@ async def oidc_callback(request: web.Request) -> web.StreamResponse:
     response = await _session_answer(request, db, provider, user, tokens, body)
     if is_page_load(request.method, request.headers):  # a person: a page, never the tokens
         response = await browser_answer(request, db, provider, _digest(state), body, response)
-    expire_state_cookie(request, response, db)
+    release_state_cookie(request, response, db, state)
     return response
 
 
@@ -298,7 +326,21 @@ async def oidc_refresh(request: web.Request) -> web.StreamResponse:
     if isinstance(new_refresh, str) and new_refresh and new_refresh != refresh_token:
         body["refresh_token"] = new_refresh
     audit("refresh", user=user.name, provider=provider.name, db=db.name, reason="refresh token")
-    return await _session_answer(request, db, provider, user, tokens, body)
+    cookie = _may_set_cookie(request, db)
+    return await _session_answer(request, db, provider, user, tokens, body, cookie=cookie)
+
+
+def _may_set_cookie(request: web.Request, db: Database) -> bool:
+    """Security (login CSRF): a page of another site can send a browser to the refresh with
+    the attacker's refresh token; the session cookie would sign the visitor in as the
+    attacker. A cross-site request (`Sec-Fetch-Site`) gets its JSON answer without the cookie
+    — unless it is a CORS request from an origin the database's CORS policy lets log in
+    (`cors.origin` / `login_origin`), whose page reads the answer anyway."""
+    if not is_cross_site(request.headers):
+        return True
+    values = request.headers.getall("Origin", ())
+    origin = serialized_origin(values[0]) if len(values) == 1 else None
+    return origin is not None and request.app[keys.CORS][db.name].allows(origin, login=True)
 
 
 async def _grant(
@@ -354,8 +396,11 @@ async def _session_answer(
     user: User,
     tokens: dict[str, Any],
     body: dict[str, Any],
+    *,
+    cookie: bool = True,
 ) -> web.Response:
-    """Sync Gateway's success body; a session and its cookie unless disable_session."""
+    """Sync Gateway's success body; a session and (when `cookie`) its cookie unless
+    disable_session."""
     settings = request.app[keys.SETTINGS]
     session_id = None
     if not provider.config.disable_session:
@@ -371,7 +416,7 @@ async def _session_answer(
             if key in tokens:
                 body[key] = tokens[key]
     response = web.json_response(body, headers={"Cache-Control": "no-store"})
-    if session_id is not None:
+    if session_id is not None and cookie:
         set_session_cookie(request, response, db, session_id, session.expires)
     return response
 
@@ -446,8 +491,7 @@ async def _abandoned_target(request: web.Request, db: Database, state: str | Non
     target = request.get(keys.RETURN_TARGET)
     if target is not None or not state or "error" not in request.query:
         return target
-    cookie = request.cookies.get(STATE_COOKIE)
-    if cookie is None or not hmac.compare_digest(cookie.encode(), state.encode()):
+    if not holds_state(request.cookies.get(STATE_COOKIE), state):
         return None  # security: a return target only for the browser that started the login
     record = await request.app[keys.STORE].take_record("login", _digest(state))
     if record is None or record.get("db") != db.name or not isinstance(record.get("rd"), str):

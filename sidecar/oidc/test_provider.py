@@ -26,6 +26,7 @@ from joserfc.jwk import RSAKey
 from yarl import URL
 
 from sidecar import keys
+from sidecar.admin_auth import is_loopback_host
 from sidecar.errors import (
     BadRequest,
     MethodNotAllowed,
@@ -47,6 +48,8 @@ _PKCE_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 _FORM_FIELDS = frozenset({"username", "tokenttl", "authenticated", "notauthenticated"})
 _FORM = "application/x-www-form-urlencoded"
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+# Every refusal: never cached, never sniffed as HTML (reasons may quote the request).
+_REFUSAL = {**_NO_STORE, "X-Content-Type-Options": "nosniff"}
 
 V = TypeVar("V")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -159,6 +162,14 @@ def _valid_redirect_uri(value: str) -> bool:
         return url.scheme in ("http", "https") and bool(url.host) and url.port is not None
     except ValueError:
         return False
+
+
+def _endpoint(url: URL) -> tuple[str, str, int | None, str]:
+    """What a redirect_uri is compared by: scheme, host, port (default filled in), path. The
+    loopback names are one host (`make run`: the issuer says 127.0.0.1, the browser may be on
+    localhost; both are this machine)."""
+    host = (url.host or "").lower()
+    return (url.scheme.lower(), "loopback" if is_loopback_host(host) else host, url.port, url.path)
 
 
 def parse_auth_request(params: Mapping[str, str]) -> AuthRequest:
@@ -321,8 +332,12 @@ class TestProvider:
         code_ttl: int = 60,
         public_url: str | None = None,
         max_entries: int = 10_000,
+        callback_urls: Iterable[str] = (),
     ) -> None:
+        """`callback_urls`: where besides the sidecar's own `/{db}/_oidc_callback` a code may
+        be sent (the providers' configured `callback_url`s)."""
         self._clock = clock
+        self._callbacks = frozenset(_endpoint(URL(u)) for u in callback_urls)
         self._code_ttl = code_ttl
         self._public_url = public_url.rstrip("/") if public_url else None
         self._key = RSAKey.generate_key(
@@ -361,13 +376,15 @@ class TestProvider:
             if request.method not in methods:
                 error = MethodNotAllowed(f"use {' or '.join(methods)}")
                 return web.json_response(
-                    error.body(), status=error.status, headers={"Allow": ", ".join(methods)}
+                    error.body(),
+                    status=error.status,
+                    headers={**_REFUSAL, "Allow": ", ".join(methods)},
                 )
             try:
                 return await handler(request, self._issuer(request, prefix))
             except _Refused as refused:
                 return web.json_response(
-                    refused.body, status=refused.status, headers=refused.headers
+                    refused.body, status=refused.status, headers={**_REFUSAL, **refused.headers}
                 )
 
         return handle
@@ -433,10 +450,20 @@ class TestProvider:
         _quiet_if_self_fetch(request)
         return web.json_response(self.jwks(), headers={"Cache-Control": "max-age=60"})
 
+    def _check_redirect(self, auth: AuthRequest, issuer: str) -> None:
+        """Security: a code goes only to the sidecar's own callback for this database (the
+        issuer's sibling `/_oidc_callback`, any query) or a configured `callback_url`;
+        anything else would make the provider an open redirector carrying codes."""
+        own = {_endpoint(URL(issuer.removesuffix("/_oidc_testing") + "/_oidc_callback"))}
+        url = URL(auth.redirect_uri)
+        if url.user is not None or _endpoint(url) not in own | self._callbacks:
+            raise BadRequest("redirect_uri is not this sidecar's callback URL")
+
     async def _authorize(self, request: web.Request, issuer: str) -> web.Response:
         params = await self._params(request)
         try:
             auth = parse_auth_request(params)
+            self._check_redirect(auth, issuer)
         except BadRequest as error:
             raise _sg_error(error) from None
         return web.Response(
@@ -459,6 +486,7 @@ class TestProvider:
             # Security: re-checked here, since a script can post straight to authenticate;
             # an unchecked redirect_uri would make this an open redirector.
             auth = parse_auth_request(params)
+            self._check_redirect(auth, issuer)
             if "notauthenticated" in params:
                 answer = {
                     "error": "invalid_request",

@@ -290,6 +290,11 @@ def check_claims(
 
     check_times(claims, now=now, leeway=leeway, exp_required=True)
 
+    # Back-Channel Logout 1.0 2.4: a logout token (typed plain JWT, with an exp) must never
+    # pass as an ID token; its `events` claim tells it apart.
+    if "events" in claims:
+        raise TokenError("token has an events claim: a logout token, not an ID token", "events")
+
     # OIDC Core 2: sub required, a non-empty string of at most 255 characters.
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub or len(sub) > MAX_SUB_LENGTH:
@@ -493,7 +498,19 @@ def parse_jwks(document: Any) -> tuple[KeySet, list[str]]:
 
 # Failures that hold whatever the time and whatever the keys: safe to remember briefly.
 _STABLE_FAILURES = frozenset(
-    {"malformed", "alg", "crit", "header", "typ", "signature", "issuer", "audience", "azp", "sub"}
+    {
+        "malformed",
+        "alg",
+        "crit",
+        "header",
+        "typ",
+        "signature",
+        "issuer",
+        "audience",
+        "azp",
+        "sub",
+        "events",
+    }
 )
 
 

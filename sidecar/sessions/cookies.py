@@ -1,12 +1,23 @@
 """The cookies the sidecar writes: the session cookie (set on login, sent again on extension,
 expired on logout; Sync Gateway's name, path /{db}) and the login-state cookie. Every one is
-built here, Secure when the client reached us over TLS, and never left in a shared cache."""
+built here, Secure when the client reached us over TLS, and never left in a shared cache.
+
+Both live under `{public_url's path}/{db}`: behind a proxy that adds a path prefix
+(`public_url: https://sync.example.com/prefix`) the browser only sends back cookies whose
+Path matches the URL it sees, `/prefix/db/...`.
+
+The login-state cookie holds the pending logins' states, newest first, separated by `.`
+(never in a state), at most MAX_PENDING_STATES: two tabs may sign in at once. One pending
+login gives exactly Sync Gateway's cookie, the state alone."""
 
 from __future__ import annotations
 
+import hmac
 import re
+from collections.abc import Sequence
 from email.utils import formatdate
 from http.cookies import SimpleCookie
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -16,11 +27,15 @@ from sidecar.sessions.origin import request_view
 
 EXPIRED = "Thu, 01 Jan 1970 00:00:00 GMT"
 STATE_COOKIE = "sg-oidc-state"  # Sync Gateway's name for the login state
+STATE_COOKIE_TTL = 300  # seconds a login may take, as Sync Gateway's state cookie
 NO_STORE = {"Cache-Control": "no-store"}  # for every answer that carries session data
 # One Cache-Control directive: anything up to a comma outside a quoted string.
 _QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
 _DIRECTIVE = re.compile(r'(?:[^,"]|"(?:[^"\\]|\\.)*")+')
 _SHARED_ONLY = frozenset({"public", "s-maxage", "proxy-revalidate", "private"})
+MAX_PENDING_STATES = 4  # logins one browser may have under way at once (tabs)
+_STATE = re.compile(r"[A-Za-z0-9_-]{1,128}")  # secrets.token_urlsafe's alphabet
+_STATE_SEPARATOR = "."
 
 
 def secure_cookies(request: web.Request) -> bool:
@@ -48,9 +63,20 @@ def _cookie(
     return morsel.OutputString()
 
 
+def cookie_path(public_url: str | None, db: str) -> str:
+    """`/{db}` under `public_url`'s path prefix, if any (`https://host/prefix` -> `/prefix/db`)."""
+    prefix = urlsplit(public_url).path.rstrip("/") if public_url else ""
+    return f"{prefix}/{db}"
+
+
+def _path(request: web.Request, db: Database) -> str:
+    return cookie_path(request.app[keys.SETTINGS].public_url, db.name)
+
+
 def _session_cookie(request: web.Request, db: Database, value: str, expires: str) -> str:
     max_age = None if value else 0
-    return _cookie(request, db.cookie_name, value, f"/{db.name}", expires=expires, max_age=max_age)
+    path = _path(request, db)
+    return _cookie(request, db.cookie_name, value, path, expires=expires, max_age=max_age)
 
 
 def private_cache_control(values: list[str]) -> str:
@@ -101,17 +127,52 @@ def sets_session_cookie(response: web.StreamResponse, db: Database) -> bool:
     return any(v.startswith(prefix) for v in response.headers.getall("Set-Cookie", ()))
 
 
-def set_state_cookie(
-    request: web.Request, response: web.StreamResponse, db: Database, state: str, max_age: int
+def pending_states(value: str | None) -> list[str]:
+    """The states a login-state cookie holds, newest first; anything that is no state of
+    ours is skipped, duplicates dropped, at most MAX_PENDING_STATES kept."""
+    states: list[str] = []
+    for part in (value or "").split(_STATE_SEPARATOR):
+        if _STATE.fullmatch(part) and part not in states:
+            states.append(part)
+    return states[:MAX_PENDING_STATES]
+
+
+def holds_state(value: str | None, state: str) -> bool:
+    """Whether the login-state cookie `value` holds `state` (each compared in constant time)."""
+    found = False
+    for pending in pending_states(value):
+        found |= hmac.compare_digest(pending.encode(), state.encode())
+    return found
+
+
+def _write_states(
+    request: web.Request, response: web.StreamResponse, db: Database, states: Sequence[str]
 ) -> None:
-    """The login state, bound to this browser until the provider sends it back; the answer
-    carrying it (a redirect to the provider, or a 401 challenge) is never stored."""
-    cookie = _cookie(request, STATE_COOKIE, state, f"/{db.name}", expires="", max_age=max_age)
+    path = _path(request, db)
+    if states:
+        value = _STATE_SEPARATOR.join(states)
+        cookie = _cookie(request, STATE_COOKIE, value, path, expires="", max_age=STATE_COOKIE_TTL)
+    else:
+        cookie = _cookie(request, STATE_COOKIE, "", path, expires=EXPIRED, max_age=0)
     response.headers.add("Set-Cookie", cookie)
+
+
+def set_state_cookie(
+    request: web.Request, response: web.StreamResponse, db: Database, state: str
+) -> None:
+    """Binds a new login's state to this browser until the provider sends it back, beside
+    the logins already pending in it (the oldest beyond MAX_PENDING_STATES forgotten). The
+    answer carrying it (a redirect to the provider, or a 401 challenge) is never stored."""
+    others = [s for s in pending_states(request.cookies.get(STATE_COOKIE)) if s != state]
+    _write_states(request, response, db, [state, *others][:MAX_PENDING_STATES])
     response.headers.update(NO_STORE)
 
 
-def expire_state_cookie(request: web.Request, response: web.StreamResponse, db: Database) -> None:
-    cookie = _cookie(request, STATE_COOKIE, "", f"/{db.name}", expires=EXPIRED, max_age=0)
-    response.headers.add("Set-Cookie", cookie)
+def release_state_cookie(
+    request: web.Request, response: web.StreamResponse, db: Database, state: str
+) -> None:
+    """The callback used `state`: the cookie keeps the other pending logins, and is expired
+    when none is left."""
+    others = [s for s in pending_states(request.cookies.get(STATE_COOKIE)) if s != state]
+    _write_states(request, response, db, others)
     _keep_private(response)

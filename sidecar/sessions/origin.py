@@ -7,52 +7,16 @@ hijacking, login/logout CSRF). Bearer tokens are not sent by browsers on their o
 
 from __future__ import annotations
 
-import re
 from urllib.parse import urlsplit
 
 from aiohttp import web
 
 from sidecar import keys
+from sidecar.browser import Origin, parse_origin, serialize_origin
 from sidecar.databases import Database
 from sidecar.errors import BadRequest
 from sidecar.headers import ClientView, client_view
 from sidecar.request_head import valid_host
-
-# RFC 6454 7 (serialized origin): scheme "://" host [ ":" port ] — no userinfo, path, query.
-_ORIGIN = re.compile(
-    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://"
-    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+)"
-    r"(?::(?P<port>[0-9]{1,5}))?"
-)
-_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
-
-Origin = tuple[str, str, int | None]  # scheme, host (lowercase), port (default filled in)
-
-
-def parse_origin(text: str) -> Origin | None:
-    """`text` as an origin, normalized (scheme and host lowercased, default port explicit), or
-    None when it is not exactly one serialized origin (`null`, a path, userinfo, spaces...)."""
-    match = _ORIGIN.fullmatch(text)
-    if match is None:
-        return None
-    scheme = match["scheme"].lower()
-    port = int(match["port"]) if match["port"] else _DEFAULT_PORTS.get(scheme)
-    if port is not None and port > 65535:
-        return None
-    return scheme, match["host"].lower(), port
-
-
-def serialized_origin(text: str) -> str | None:
-    """`text` as browsers send it in `Origin` (RFC 6454 6.2: lowercase scheme and host, the
-    port only when it is not the scheme's default), or None when it is not an origin."""
-    origin = parse_origin(text)
-    return None if origin is None else _serialize(origin)
-
-
-def _serialize(origin: Origin) -> str:
-    scheme, host, port = origin
-    shown = port is not None and port != _DEFAULT_PORTS.get(scheme)
-    return f"{scheme}://{host}:{port}" if shown else f"{scheme}://{host}"
 
 
 def request_view(request: web.Request) -> ClientView:
@@ -126,4 +90,4 @@ def cross_site_cookie_use(request: web.Request, db: Database, *, by_cookie: bool
     # One list for both: the CORS policy (sidecar/cors.py) of the database; a login or logout
     # (`_session` POST/DELETE) may also come from `cors.login_origin`, a websocket (GET) not.
     policy = request.app[keys.CORS][db.name]
-    return not policy.allows(_serialize(origin), login=request.method != "GET")
+    return not policy.allows(serialize_origin(origin), login=request.method != "GET")
