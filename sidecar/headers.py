@@ -255,8 +255,8 @@ _CONNECTION_OPTIONS = frozenset({"keep-alive", "close"})  # options, not header 
 def _connection_tokens(headers: MultiMapping[str]) -> frozenset[str]:
     """Header names the sender declared hop-by-hop in its Connection header(s) (RFC 9110 7.6.1)."""
     values = headers.getall("Connection", ())
-    if not values:
-        return frozenset()
+    if not values or (len(values) == 1 and values[0].lower() in _CONNECTION_OPTIONS):
+        return frozenset()  # the common cases: none, or a lone keep-alive / close
     tokens = frozenset(
         _norm(token.strip()) for value in values for token in value.split(",") if token.strip()
     )
