@@ -44,15 +44,23 @@ SERVER_NAME = "oidc-sidecar"
 web_response.SERVER_SOFTWARE = SERVER_NAME  # type: ignore[attr-defined]  # not re-exported
 
 PROXIED = "/{db}/{tail:(?!_oidc|_session).*}"
+CLIENT_IDLE = 75.0  # timeouts.client_idle's default
 MAX_FIELD_SIZE = 24 * 1024
 MAX_LINE_SIZE = 16 * 1024
 
 
 def make_runner(app: web.Application, *, shutdown_timeout: float) -> web.AppRunner:
     """How both listeners are served. handler_cancellation: a client that goes away cancels
-    its handler, which closes the upstream connection (the Forwarder relies on it)."""
+    its handler, which closes the upstream connection (the Forwarder relies on it).
+    keepalive_timeout (`timeouts.client_idle`): aiohttp counts it from the connection's start
+    and from each answer's end while no request is in progress, so it also closes a client
+    that never finishes sending a request head (aiohttp's default is an hour: a few thousand
+    idle sockets would exhaust the process's files)."""
+    public = app.get(keys.PUBLIC_APP, app)
+    settings = public.get(keys.SETTINGS)
     return SidecarRunner(  # aiohttp's own refusals answered as JSON (sidecar.server)
         app,
+        keepalive_timeout=settings.timeouts.client_idle if settings else CLIENT_IDLE,
         access_log=None,  # one line per request comes from `observe`
         handle_signals=False,
         shutdown_timeout=shutdown_timeout,

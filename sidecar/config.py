@@ -355,6 +355,10 @@ class TimeoutsConfig(Model):
     upstream_connect: float = Field(default=10.0, gt=0)
     upstream_read: float = Field(default=300.0, gt=0)  # time between bytes, not total
     provider: float = Field(default=10.0, gt=0)
+    # Longest a client connection may sit with no request in progress: idle keep-alive, or a
+    # request whose head has not fully arrived (slowloris). Answers in progress (streams,
+    # websockets) are never cut by it.
+    client_idle: float = Field(default=75.0, gt=0, le=3600)
 
 
 AdminPath = Literal["/_metrics", "/_health", "/_ready"]

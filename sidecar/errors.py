@@ -9,6 +9,7 @@ SidecarError (500)
 ├── MethodNotAllowed (405)
 ├── PayloadTooLarge (413)
 ├── TooManyRequests (429)         login starts over the rate limit (Retry-After)
+├── HeaderFieldsTooLarge (431)    the request's header section as a whole is too large
 ├── Unimplemented (501)           a transfer coding the sidecar does not implement
 ├── UpstreamError (502)           upstream refused / broke the connection
 │   └── ProviderError (502)       OpenID Provider unreachable or answered nonsense
@@ -70,6 +71,10 @@ class PayloadTooLarge(SidecarError):
 
 class TooManyRequests(SidecarError):
     status = 429
+
+
+class HeaderFieldsTooLarge(SidecarError):
+    status = 431
 
 
 class Unimplemented(SidecarError):

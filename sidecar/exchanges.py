@@ -33,6 +33,10 @@ GOING_AWAY = 1001  # RFC 6455 7.4.1: the sidecar is shutting down
 PROMOTE_AFTER = 1.0  # seconds an exchange runs before it is indexed and timed
 WS_CLOSE_GRACE = 1.0  # a websocket told 1008 that is still open this much later is cut
 WATCH_INTERVAL = 1.0  # how often the store's event feed is checked for a gap
+# Security: how long a replica that hears no revocations (its event feed is down or cut off)
+# keeps its live streams before ending them; it goes on ending every stream older than
+# PROMOTE_AFTER while the feed stays down.
+FEED_LOSS_GRACE = 5.0
 RECHECK_CONCURRENCY = 32  # store lookups at once when every live exchange is re-checked
 
 
@@ -168,14 +172,33 @@ class Exchanges:
         others. Once it is back (the store's generation moved), every live exchange is checked
         against the store, so what was revoked meanwhile ends then."""
         seen = store.generation
+        deaf_since: float | None = None
         while True:
             await asyncio.sleep(WATCH_INTERVAL)
-            if store.generation != seen and store.caching:
+            if not store.caching:
+                # Security (fail closed): a revocation made now would not reach these streams.
+                now = time.monotonic()
+                deaf_since = now if deaf_since is None else deaf_since
+                if now - deaf_since >= FEED_LOSS_GRACE:
+                    self._end_all_long_lived(b"session events unavailable")
+                continue
+            deaf_since = None
+            if store.generation != seen:
                 seen = store.generation
                 try:
                     await self._recheck_all(store)
                 except Exception:  # never stop watching
                     log.exception("re-checking live exchanges failed")
+
+    def _end_all_long_lived(self, reason: bytes) -> None:
+        ended = [ex for ex in self._all() if ex.promoted and not ex.ended]
+        for ex in ended:
+            self._end(ex, reason)
+        if ended:
+            log.warning(
+                "ended live exchanges: session events unavailable",
+                extra={"count": len(ended)},
+            )
 
     async def _recheck_all(self, store: SessionStore) -> None:
         live = [ex for ex in self._all() if not ex.ended]

@@ -27,6 +27,7 @@ from sidecar.request_head import valid_host
 HOP_BY_HOP = frozenset(
     {
         "connection",
+        "http2-settings",  # RFC 9113 3.2.1 (h2c upgrade): connection-specific
         "keep-alive",
         "proxy-authenticate",
         "proxy-authorization",

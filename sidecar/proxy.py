@@ -30,7 +30,7 @@ from sidecar.errors import (
     UpstreamError,
 )
 from sidecar.headers import downstream_response_headers
-from sidecar.upstream_h1 import H1Pool, H1Response
+from sidecar.upstream_h1 import H1Pool, H1Response, only_chunked
 
 log = logging.getLogger(__name__)
 
@@ -323,9 +323,15 @@ class Forwarder:
         if (
             not 200 <= status <= 599  # 1xx are interim (101 without an upgrade: a desync)
             or (reason and not reason.isprintable() and _CONTROL.search(reason))
-            # httptools refuses control characters in field values; aiohttp's lenient parser
-            # lets them through.
-            or (self._h1 is None and _any_value(upstream.headers, _CONTROL))
+            # httptools refuses control characters in field values, and the h1 transport any
+            # transfer coding but chunked; aiohttp's lenient parser lets both through.
+            or (
+                self._h1 is None
+                and (
+                    _any_value(upstream.headers, _CONTROL)
+                    or not only_chunked(upstream.headers.getall("Transfer-Encoding", ["chunked"]))
+                )
+            )
         ):
             upstream.close()  # never reused
             log.warning(

@@ -10,7 +10,9 @@ from ipaddress import IPv6Address
 
 from multidict import MultiMapping
 
-from sidecar.errors import BadRequest, Unimplemented
+from sidecar.errors import BadRequest, HeaderFieldsTooLarge, Unimplemented
+
+MAX_HEADER_SECTION = 64 * 1024  # bytes of names and values; RFC 6585 5: 431 beyond it
 
 # RFC 9112 3.2 / RFC 3986 3.2.2-3.2.3: host [":" port], where host is a DNS-style name, an IPv4
 # address or a bracketed IPv6 address. Stricter than reg-name on purpose: no "%", "@", "\\",
@@ -44,6 +46,12 @@ def check_request_head(headers: MultiMapping[str], version: tuple[int, int]) -> 
       undecoded coding would reach the upstream as if it were the content. Transfer-Encoding in
       an HTTP/1.0 request is faulty framing: 400. An empty one is malformed: 400.
     """
+    # Each field is bounded by the parser (24 KiB); the section as a whole here, before any
+    # of it is forwarded. map(len) runs in C: a fraction of a µs for a usual request.
+    if sum(map(len, headers.keys())) + sum(map(len, headers.values())) > MAX_HEADER_SECTION:
+        raise HeaderFieldsTooLarge(
+            f"request header fields too large (more than {MAX_HEADER_SECTION} bytes in all)"
+        )
     hosts = headers.getall("Host", ())  # names compare case-insensitively, as HTTP's do
     encodings = headers.getall("Transfer-Encoding", ())
     codings = (

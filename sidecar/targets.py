@@ -5,6 +5,7 @@ decodes or normalises differently from the sidecar could read it as a path outsi
 from __future__ import annotations
 
 import re
+import unicodedata
 from urllib.parse import unquote_to_bytes
 
 from yarl import URL
@@ -55,8 +56,22 @@ def check_path(path: str) -> None:
     decoded = _decoded(path)
     if b"\0" in decoded:
         raise BadRequest("request path contains NUL")
+    if not decoded.isascii():
+        decoded = _folded(decoded)
     if b"." in decoded and any(_is_dot_segment(s) for s in _SEPARATORS.split(decoded)):
         raise BadRequest("request path contains dot segments")
+
+
+def _folded(decoded: bytes) -> bytes:
+    """A non-ASCII path as an upstream that normalises Unicode would read it.
+
+    Security: overlong UTF-8 (`%C0%AE` for "."; never valid UTF-8, but some decoders accept
+    it) is refused; NFKC folds full-width and other compatibility forms ("．", "／", "＼") into
+    the ASCII dots and separators they stand for, so they are checked as those."""
+    if b"\xc0" in decoded or b"\xc1" in decoded:
+        raise BadRequest("request path contains overlong UTF-8")
+    text = decoded.decode("utf-8", "replace")
+    return unicodedata.normalize("NFKC", text).encode("utf-8")
 
 
 def target_url(base: str, path_qs_raw: str, db: str | None = None) -> URL:

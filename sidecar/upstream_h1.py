@@ -172,14 +172,17 @@ class _Connection(asyncio.Protocol):
                 self._headers = CIMultiDict()
                 return
             raise UpstreamProtocolError(f"unexpected interim status {status}")
+        codings = self._headers.getall("Transfer-Encoding", ())
+        if codings and not only_chunked(codings):
+            # The sidecar relays the body without decoding it and re-frames it for the client
+            # without Transfer-Encoding: any other coding would reach it as if it were the
+            # content (RFC 9112 6.1; the request side answers 501 for the same reason).
+            raise UpstreamProtocolError("unsupported transfer coding")
         self._status = status
         self._headers_done = True
         self._framed = (
             self._parser.get_http_version() == "1.1"
-            and (
-                "Content-Length" in self._headers
-                or "chunked" in self._headers.get("Transfer-Encoding", "").lower()
-            )
+            and ("Content-Length" in self._headers or bool(codings))
         ) or status in (204, 304)
         self._keep_alive_ok = self._parser.should_keep_alive()
         self._wake()
@@ -302,6 +305,12 @@ class _Connection(asyncio.Protocol):
 
     def idle_until(self, seconds: float) -> None:
         self._idle_timer = asyncio.get_running_loop().call_later(seconds, self.close)
+
+
+def only_chunked(values: list[str]) -> bool:
+    """Transfer-Encoding field values that say "chunked" and nothing else."""
+    codings = [c.strip().lower() for value in values for c in value.split(",") if c.strip()]
+    return codings == ["chunked"]
 
 
 def _expire(waiter: asyncio.Future[None]) -> None:

@@ -22,7 +22,7 @@ from support.redis_server import RedisServer, free_port
 from support.sidecar import Sidecar, base_config, running_sidecar
 from support.stream_reader import Feed, open_feed
 
-from sidecar import keys
+from sidecar import exchanges, keys
 from sidecar.exchanges import PROMOTE_AFTER
 from sidecar.sessions.models import User, hash_session_id
 
@@ -334,3 +334,22 @@ async def test_revocation_cuts_a_slow_upload(env: Env) -> None:
         sender.cancel()
         await asyncio.gather(sender, return_exceptions=True)
         writer.close()
+
+
+async def test_streams_end_when_this_replica_cannot_hear_revocations(
+    key_server: KeyServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fail closed: with its event feed down (Redis gone or cut off), a replica would not hear
+    a revocation made elsewhere, so after FEED_LOSS_GRACE it ends its live streams (and every
+    stream that grows old while the feed stays down); new requests get 503 meanwhile."""
+    monkeypatch.setattr(exchanges, "FEED_LOSS_GRACE", 1.0)
+    async with RedisServer() as redis, start_env(key_server, session_store=redis.url) as env:
+        session_id = await admin_session(env.sidecar.admin_url, "db", f"u{secrets.token_hex(4)}")
+        stream = await env.stream(Cookie=f"{COOKIE}={session_id}")
+        await wait_lines(stream, 2)
+        await redis.astop()  # the feed goes down; the stream itself needs no Redis
+        assert await stream.outcome(BOUND + 5) == "cut"
+        async with env.http.get(
+            f"{env.sidecar.url}/db/doc", headers={"Cookie": f"{COOKIE}={session_id}"}
+        ) as r:
+            assert r.status == 503  # fail closed: never a pass without the store

@@ -67,6 +67,7 @@ def build(
     [
         ([("Connection", "keep-alive")], ["Connection"]),
         ([("Keep-Alive", "timeout=5")], ["Keep-Alive"]),
+        ([("HTTP2-Settings", "AAMAAABkAAQAAP__")], ["HTTP2-Settings"]),
         ([("Proxy-Authorization", "Basic eDp5")], ["Proxy-Authorization"]),
         ([("Proxy-Authenticate", "Basic")], ["Proxy-Authenticate"]),
         ([("Proxy-Connection", "keep-alive")], ["Proxy-Connection"]),

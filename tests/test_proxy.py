@@ -528,6 +528,9 @@ async def _broken_upstream(behaviour: str) -> asyncio.Server:
         if behaviour == "garbage":
             writer.write(b"SMTP ready\r\n\r\n")
             await writer.drain()
+        elif behaviour == "gzip-coded":  # a transfer coding the sidecar would not decode
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nabc")
+            await writer.drain()
         elif behaviour == "reset":
             sock = writer.get_extra_info("socket")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -541,6 +544,7 @@ async def _broken_upstream(behaviour: str) -> asyncio.Server:
     [
         ("close", "upstream unavailable: connection closed"),
         ("garbage", "upstream unavailable: invalid response"),
+        ("gzip-coded", "upstream unavailable: invalid response"),
         ("reset", "upstream unavailable: connection reset by peer"),
     ],
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.errors import BadRequest, Unimplemented
+from sidecar.errors import BadRequest, HeaderFieldsTooLarge, Unimplemented
 from sidecar.request_head import check_request_head, valid_host
 
 Pairs = list[tuple[str, str]]
@@ -95,3 +95,25 @@ def test_check_request_head(
     else:
         with pytest.raises(error):
             check_request_head(headers, version)
+
+
+@pytest.mark.parametrize(
+    ("fields", "size", "refused"),
+    [
+        (8, 1024, False),
+        (60, 1000, False),  # 60 KB of values and names: under 64 KiB
+        (100, 8 * 1024, True),  # 800 KiB in all, each field under the parser's 24 KiB
+        (3, 23 * 1024, True),
+    ],
+)
+def test_the_header_section_as_a_whole_is_bounded(fields: int, size: int, refused: bool) -> None:
+    headers = CIMultiDictProxy(
+        CIMultiDict(
+            [("Host", "sync.example.com")] + [(f"X-F{i}", "v" * size) for i in range(fields)]
+        )
+    )
+    if refused:
+        with pytest.raises(HeaderFieldsTooLarge):
+            check_request_head(headers, (1, 1))
+    else:
+        assert check_request_head(headers, (1, 1)) == "sync.example.com"

@@ -1,6 +1,4 @@
-"""Findings of the second review (see the review report), pinned as strict xfails: each test
-states the expected behaviour and fails today; when a fix lands, the xfail turns into an error
-and the marker is removed."""
+"""Findings of the second review, kept as regression tests once fixed."""
 
 from __future__ import annotations
 
@@ -12,17 +10,14 @@ from test_upstream_h1 import RawConn, pool, raw  # noqa: F401 (fixtures)
 from sidecar.upstream_h1 import H1Pool
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review2 #3: a transfer coding other than chunked in an upstream answer is dropped "
-    "and its coded bytes relayed as complete content; expected: invalid answer",
-)
 @pytest.mark.parametrize(
     "response",
     [
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\nabc",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
     ],
-    ids=["gzip"],
+    ids=["gzip", "chunked-then-gzip", "gzip-then-chunked"],
 )
 async def test_upstream_transfer_coding_other_than_chunked_is_refused(
     raw,  # noqa: F811

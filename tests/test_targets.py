@@ -57,6 +57,9 @@ LEGITIMATE = [
     "/db/x?a=..%2F..%2F&b=%00&c=\\",
     "/%64b/x",  # "%64" is "d": the router and the upstream both read "db"
     "/d%62",
+    "/db/caf%C3%A9",  # non-ASCII document ids stay
+    "/db/%E2%80%A6",  # "…" folds to "...": not a dot segment
+    "/db/%EF%BC%8E%EF%BC%8E%EF%BC%8E",  # full-width "..." likewise
 ]
 
 
@@ -90,6 +93,13 @@ HOSTILE: list[tuple[str, str]] = [
     ("/db/%252e%252e/x", DOT),
     ("/db/%25252E%25252E/x", DOT),
     ("/db/%2525%32%65%2e/x", DOT),  # "%25" + "%32" + "%65" decodes to "%2e"
+    # look-alikes an upstream normalising Unicode or decoding overlong UTF-8 reads as dots
+    ("/db/%C0%AE%C0%AE/x", "request path contains overlong UTF-8"),
+    ("/db/%c0%2e/x", "request path contains overlong UTF-8"),
+    ("/db/%C1%9C", "request path contains overlong UTF-8"),
+    ("/db/%EF%BC%8E%EF%BC%8E/x", DOT),  # full-width dots
+    ("/db/x%EF%BC%8F..%EF%BC%8Fy", DOT),  # full-width solidus around ".."
+    ("/db/x%EF%BC%BC..", DOT),  # full-width reverse solidus
     # encoded "/" or "\" combined with dot segments
     ("/db/..%2f_users", DOT),
     ("/db/..%2F_users", DOT),
