@@ -104,9 +104,12 @@ async def put_user(request: web.Request) -> web.Response:
         admin_roles=_strings(body, "admin_roles"),
         disabled=disabled,
     )
+    disabling = user.disabled and not (existing is not None and existing.disabled)
+    # For the audit line: the sessions this ends (counted just before; put_user removes them).
+    ending = len(await store.list_user_sessions(db.name, name, time.time())) if disabling else 0
     await store.put_user(user)
-    if user.disabled and not (existing is not None and existing.disabled):
-        audit("revocation", user=name, db=db.name, reason="user disabled (admin)")
+    if disabling:
+        audit("revocation", user=name, db=db.name, reason="user disabled (admin)", sessions=ending)
     return web.json_response({}, status=200 if existing else 201)
 
 
@@ -121,9 +124,11 @@ async def get_user(request: web.Request) -> web.Response:
 async def delete_user(request: web.Request) -> web.Response:
     """Deleting a user ends their sessions and websockets on every replica."""
     db, store = _db(request)
-    if not await store.delete_user(db.name, request.match_info["name"]):
+    name = request.match_info["name"]
+    ending = len(await store.list_user_sessions(db.name, name, time.time()))  # for the audit
+    if not await store.delete_user(db.name, name):
         raise NotFound("missing")
-    audit("revocation", user=request.match_info["name"], db=db.name, reason="user deleted (admin)")
+    audit("revocation", user=name, db=db.name, reason="user deleted (admin)", sessions=ending)
     return web.json_response({"ok": True})
 
 

@@ -108,18 +108,23 @@ async def test_revocations_write_audit_lines(
         await admin_session(admin, "db", "bob")
         async with http.delete(f"{admin}/db/_user/bob/_session") as r:
             assert r.status == 200
+        await admin_session(admin, "db", "bob")
+        await admin_session(admin, "db", "bob")
         async with http.put(f"{admin}/db/_user/bob", json={"disabled": True}) as r:
-            assert r.status == 200
+            assert r.status == 200  # ends both sessions
         async with http.put(f"{admin}/db/_user/bob", json={"disabled": True}) as r:
             assert r.status == 200  # already disabled: no second line
         async with http.delete(f"{admin}/db/_user/bob") as r:
-            assert r.status == 200
-    reasons = [(e["user"], e["db"], e["reason"]) for e in audits(json_log, "revocation")]
+            assert r.status == 200  # no session left to end
+    reasons = [
+        (e["user"], e["db"], e["reason"], e.get("sessions"))
+        for e in audits(json_log, "revocation")
+    ]
     assert reasons == [
-        ("bob", "db", "session deleted (admin)"),
-        ("bob", "db", "sessions revoked (admin)"),
-        ("bob", "db", "user disabled (admin)"),
-        ("bob", "db", "user deleted (admin)"),
+        ("bob", "db", "session deleted (admin)", None),
+        ("bob", "db", "sessions revoked (admin)", 1),
+        ("bob", "db", "user disabled (admin)", 2),
+        ("bob", "db", "user deleted (admin)", 0),
     ]
     assert all(session_id not in str(e) for e in audits(json_log, "revocation"))
 
