@@ -117,8 +117,7 @@ async def test_revocations_write_audit_lines(
         async with http.delete(f"{admin}/db/_user/bob") as r:
             assert r.status == 200  # no session left to end
     reasons = [
-        (e["user"], e["db"], e["reason"], e.get("sessions"))
-        for e in audits(json_log, "revocation")
+        (e["user"], e["db"], e["reason"], e.get("sessions")) for e in audits(json_log, "revocation")
     ]
     assert reasons == [
         ("bob", "db", "session deleted (admin)", None),
