@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -14,30 +13,12 @@ import pytest
 from conftest import DB, Answer, browser, read_answer
 from support.op import OPClient, OpenIDProvider, browser_login
 from support.redis_server import RedisServer, free_port
-from support.sidecar import base_config, sidecar_process
+from support.sidecar import Replica, base_config, sidecar_process
 from yarl import URL
 
 SESSION_COOKIE = "SyncGatewaySession"
 STATE_COOKIE = "sg-oidc-state"
 PROPAGATION_SECONDS = 1.0
-
-
-@dataclass(frozen=True)
-class Replica:
-    port: int
-    admin_port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
-
-    @property
-    def callback(self) -> str:
-        return f"{self.url}/{DB}/_oidc_callback"
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +27,9 @@ def replicas(op: OpenIDProvider) -> Iterator[tuple[Replica, Replica]]:
     a = Replica(free_port(), free_port())
     b = Replica(free_port(), free_port())
     client = OPClient(
-        f"replicas-{secrets.token_hex(4)}", secrets.token_urlsafe(24), (a.callback, b.callback)
+        f"replicas-{secrets.token_hex(4)}",
+        secrets.token_urlsafe(24),
+        (a.callback(DB), b.callback(DB)),
     )
     op.register_client(client)
     provider = {

@@ -20,7 +20,7 @@ import pytest
 from conftest import admin_session
 from support.pouchdb import PouchDBServer, pouchdb_client
 from support.redis_server import RedisServer, free_port
-from support.sidecar import base_config, sidecar_process
+from support.sidecar import Replica, base_config, sidecar_process
 from support.stream_reader import Feed, open_feed
 from yarl import URL
 
@@ -30,20 +30,6 @@ FEEDS = {
     "continuous": f"/{DB}/_changes?feed=continuous&include_docs=true&since=now&heartbeat=500",
     "longpoll": f"/{DB}/_changes?feed=longpoll&include_docs=true&since=now",
 }
-
-
-@dataclass(frozen=True)
-class Replica:
-    port: int
-    admin_port: int
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://127.0.0.1:{self.admin_port}"
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,8 @@ from urllib.parse import quote
 import aiohttp
 from yarl import URL
 
+from .processes import stop_peer
+
 PEER_DIR = Path(__file__).resolve().parents[1] / "peers" / "op"
 SERVER_SCRIPT = PEER_DIR / "server.mjs"
 REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -170,20 +172,8 @@ class OpenIDProvider:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is not None:
-            if process.stdin is not None:
-                process.stdin.close()
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            if process.stdout is not None:
-                process.stdout.close()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        log, self._log = self._log, None
+        stop_peer(process, log)
         self._port = None
 
     def register_client(self, client: OPClient) -> None:

@@ -18,6 +18,8 @@ from typing import IO, Any, Literal, Self
 
 import aiohttp
 
+from .processes import stop_peer
+
 PEER_DIR = Path(__file__).resolve().parents[1] / "peers" / "pouchdb"
 SERVER_SCRIPT = PEER_DIR / "server.cjs"
 CLIENT_SCRIPT = PEER_DIR / "client.cjs"
@@ -78,20 +80,8 @@ class PouchDBServer:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is not None:
-            if process.stdin is not None:
-                process.stdin.close()
-            process.terminate()
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            if process.stdout is not None:
-                process.stdout.close()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        log, self._log = self._log, None
+        stop_peer(process, log)
 
     def __enter__(self) -> Self:
         return self.start()

@@ -104,6 +104,25 @@ class Sidecar:
     admin_port: int
 
 
+@dataclass(frozen=True)
+class Replica:
+    """The addresses of one `sidecar run` process among several sharing one store."""
+
+    port: int
+    admin_port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def callback(self, db: str) -> str:
+        return f"{self.url}/{db}/_oidc_callback"
+
+
 def base_config(port: int, admin_port: int, **overrides: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         "interface": f"127.0.0.1:{port}",
