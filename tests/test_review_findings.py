@@ -13,11 +13,10 @@ import asyncio
 import hashlib
 import io
 import json
-import logging
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,8 +27,8 @@ from support.builtin_provider import until_ready
 from support.chromium import Chromium, executable
 from support.redis_server import free_port
 from support.sidecar import ROOT, Sidecar, Upstream, base_config, running_sidecar
-
-from sidecar.observability import JsonFormatter
+from test_observability import json_log  # noqa: F401  (a fixture)
+from test_proxy import _answering
 
 DB = "db"
 
@@ -122,24 +121,9 @@ async def test_sign_out_in_chromium() -> None:
 # --- 2. Session ids in the admin listener's access log ------------------------------------------
 
 
-@pytest.fixture
-def json_log() -> Iterator[io.StringIO]:
-    buffer = io.StringIO()
-    handler = logging.StreamHandler(buffer)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("sidecar")
-    previous = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield buffer
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(previous)
-
-
 async def test_admin_session_paths_never_log_the_session_id(
-    upstream: Upstream, json_log: io.StringIO
+    upstream: Upstream,
+    json_log: io.StringIO,  # noqa: F811
 ) -> None:
     async with _sidecar(upstream.url) as sidecar, aiohttp.ClientSession() as http:
         session_id = await admin_session(sidecar.admin_url, DB, "alice")
@@ -155,24 +139,9 @@ async def test_admin_session_paths_never_log_the_session_id(
 
 @asynccontextmanager
 async def _raw_upstream(response: bytes) -> AsyncIterator[str]:
-    """A raw upstream answering every request head with exactly `response` (keep-alive)."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                await reader.readuntil(b"\r\n\r\n")
-                writer.write(response)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    try:
-        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-    finally:
-        server.close()
+    """test_proxy's scripted raw upstream, its URL only."""
+    async with _answering(response) as (url, _):
+        yield url
 
 
 async def _through_sidecar(response: bytes) -> Any:
